@@ -277,7 +277,7 @@ class HubUploader:
             return
         snapshot = self._staging / f"{len(self.results)}-{self._jobs.qsize()}-{time.monotonic_ns()}"
         shutil.copytree(folder, snapshot, copy_function=_link_or_copy)
-        self._put((f"upload of {folder}", lambda: self._upload_folder(snapshot, message, path_in_repo)))
+        self._put((f"upload of {folder}", lambda: self._upload_folder(snapshot, folder.name, message, path_in_repo)))
 
     def submit_run(self, verify: Callable[[Path], None] | None = None) -> None:
         if not self.enabled:
@@ -316,7 +316,7 @@ class HubUploader:
                 self.results.append(UploadResult(what, False, error=line))
                 log.warning("hub: %s", line)
 
-    def _upload_folder(self, folder: Path, message: str, path_in_repo: str) -> str:
+    def _upload_folder(self, folder: Path, name: str, message: str, path_in_repo: str) -> str:
         api = make_api(self._token, self.endpoint)
 
         def upload() -> str:
@@ -329,7 +329,7 @@ class HubUploader:
             return info.commit_url
 
         try:
-            return with_retries(upload, f"upload of {folder.name} to {self.hub_cfg.repo_id}",
+            return with_retries(upload, f"upload of {name} to {self.hub_cfg.repo_id}",
                                 self.hub_cfg.max_retries + 1, self.backoff_s, self._token)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
