@@ -26,9 +26,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -205,8 +206,9 @@ def push_run(run_dir: Path, hub_cfg: Any, *, token: str | None = None,
              verify: Callable[[Path], None] | None = None, endpoint: str | None = None,
              backoff_s: float = 2.0) -> str:
     """Check and push a finished run dir in one commit; returns the commit URL (ends with the oid)."""
-    from finetune.model_card import build_model_card
     from huggingface_hub import CommitOperationAdd
+
+    from finetune.model_card import build_model_card
 
     check_hub_config(hub_cfg)
     if not hub_cfg.repo_id:

@@ -134,7 +134,8 @@ def hardware_line(summary: dict) -> str:
 
 
 def framework_rows() -> list[tuple[str, Any]]:
-    from finetune import __version__  # also right when run from a source checkout, not installed
+    # The package's own version string is right even in a source checkout that pip never installed.
+    from finetune import __version__
 
     rows = [("finetune", __version__)]
     for name in FRAMEWORKS[1:]:

@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakehub/ sits beside the tests
-from fakehub.tiny_models import build_run_dir  # noqa: E402
+from fakehub.tiny_models import build_run_dir
 
-from finetune import export  # noqa: E402
-from finetune.errors import ConfigError, ModelError  # noqa: E402
-from finetune.export import ExportError, merge_and_export  # noqa: E402
+from finetune import export
+from finetune.errors import ConfigError, ModelError
+from finetune.export import ExportError, merge_and_export
 
 TEXTS = ["hello world what is the answer", "tell me about the big red dog please"]
 
@@ -124,6 +128,6 @@ def test_pipelines_load_the_exports_offline(lm_run, cls_run):
         print("OK", label["label"])
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout

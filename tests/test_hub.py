@@ -17,14 +17,14 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, metadata_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakehub/ sits beside the tests
-from fakehub.server import serve  # noqa: E402
-from fakehub.tiny_models import build_run_dir, build_tokenizer  # noqa: E402
+from fakehub.server import serve
+from fakehub.tiny_models import build_run_dir, build_tokenizer
 
-from finetune.config import HubConfig  # noqa: E402
-from finetune.errors import ConfigError  # noqa: E402
-from finetune.export import merge_and_export  # noqa: E402
-from finetune.hub import HubPushError, HubUploader, push_run, verify_adapter  # noqa: E402
-from finetune.model_card import build_model_card  # noqa: E402
+from finetune.config import HubConfig
+from finetune.errors import ConfigError
+from finetune.export import merge_and_export
+from finetune.hub import HubPushError, HubUploader, push_run, verify_adapter
+from finetune.model_card import build_model_card
 
 TOKEN = "hf_FakeTestToken0123456789abcdefXYZ"
 REPO = "tester/tiny"
@@ -219,7 +219,10 @@ def test_verify_adapter_reloads_offline_to_the_recorded_logits(run_dir):
     from transformers import AutoModelForCausalLM
 
     base_path = json.loads((run_dir / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    load_base = lambda: AutoModelForCausalLM.from_pretrained(base_path)  # noqa: E731
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(base_path)
+
     inputs = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]])}
     with torch.no_grad():
         expected = PeftModel.from_pretrained(load_base(), str(run_dir / "final"))(**inputs).logits
@@ -246,7 +249,7 @@ def test_hf_endpoint_and_hf_token_env_vars_point_the_push(fake_hub, run_dir, tmp
     """)
     env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert fake_hub.url in done.stdout and TOKEN not in done.stdout + done.stderr

@@ -22,9 +22,7 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-WORDS = ("the a an is are was be to of and in on for with it this that what how why who hello hi "
-         "world model data train loss good bad yes no one two three four five answer question "
-         "please thanks tell me about cat dog sun moon red blue green small big fast slow").split()
+WORDS = ["the", "a", "an", "is", "are", "was", "be", "to", "of", "and", "in", "on", "for", "with", "it", "this", "that", "what", "how", "why", "who", "hello", "hi", "world", "model", "data", "train", "loss", "good", "bad", "yes", "no", "one", "two", "three", "four", "five", "answer", "question", "please", "thanks", "tell", "me", "about", "cat", "dog", "sun", "moon", "red", "blue", "green", "small", "big", "fast", "slow"]
 # The assistant turn ends with the eos token: generation stops there and hub.py checks it.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}"
@@ -77,7 +75,11 @@ def build_bert_classifier(base_dir: Path, tokenizer: PreTrainedTokenizerFast) ->
 def build_adapter(base_dir: Path, adapter_dir: Path, task: str = "causal-lm") -> Path:
     """Wrap the saved base with LoRA, perturb every lora_B, save adapter + tokenizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if task == "causal-lm":
         base = AutoModelForCausalLM.from_pretrained(base_dir)
