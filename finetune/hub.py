@@ -106,7 +106,10 @@ def check_chat_template_eos(final_dir: Path) -> None:
     """The saved chat template closes the assistant turn with eos, or generation never stops."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(final_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(final_dir, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise HubPushError(f"refusing to push: no loadable tokenizer in {final_dir} ({one_line(error, None)[:200]})") from None
     if not getattr(tokenizer, "chat_template", None):
         return  # classifiers and raw-text models have no chat turns to end
     chat = [{"role": "user", "content": "PING"}, {"role": "assistant", "content": "PONG"}]
@@ -325,9 +328,11 @@ class HubUploader:
             if not self._repo_ready:
                 ensure_repo(api, self.hub_cfg)
                 self._repo_ready = True
+            # A checkpoint's README.md is peft's stub, whose base_model may be a local path the Hub
+            # rejects; the repo's card is the one push_run writes.
             info = api.upload_folder(repo_id=self.hub_cfg.repo_id, folder_path=folder, path_in_repo=path_in_repo or None,
                                      commit_message=self.hub_cfg.commit_message or message,
-                                     revision=self.hub_cfg.revision)
+                                     revision=self.hub_cfg.revision, ignore_patterns=["README.md"])
             return info.commit_url
 
         try:

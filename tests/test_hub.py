@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, metadata_load
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakehub/ sits beside the tests
 from fakehub.server import serve
@@ -103,12 +104,14 @@ def test_push_run_uploads_final_merged_config_summary_and_card(fake_hub, run_dir
         assert text in card.text, text
 
     out, err = capsys.readouterr()
-    for blob in [*remote.values(), caplog.text.encode(), out.encode(), err.encode()]:
+    written = [p.read_bytes() for root in (tmp_path, run_dir) for p in root.rglob("*") if p.is_file()]
+    for blob in [*remote.values(), *written, caplog.text.encode(), out.encode(), err.encode()]:
         assert TOKEN.encode() not in blob
 
 
 def test_push_to_revision_creates_the_branch(fake_hub, run_dir, tmp_path):
-    push_run(run_dir, hub_cfg(revision="dev"), token=TOKEN, endpoint=fake_hub.url, backoff_s=0)
+    cfg = OmegaConf.structured(hub_cfg(revision="dev"))  # as the CLI passes it: a DictConfig
+    push_run(run_dir, cfg, token=TOKEN, endpoint=fake_hub.url, backoff_s=0)
     assert set(fake_hub.repos[REPO].branches) == {"main", "dev"}
     assert fake_hub.files(REPO, "main") == {}
     assert "adapter_model.safetensors" in fake_hub.files(REPO, "dev")
@@ -184,6 +187,7 @@ def test_uploader_pushes_a_checkpoint_snapshot_in_the_background(fake_hub, run_d
     assert remote["checkpoints/step-5/adapter_model.safetensors"] == \
         (run_dir / "final" / "adapter_model.safetensors").read_bytes()
     assert fake_hub.repos[REPO].commits[0]["message"] == "step 5"
+    assert "checkpoints/step-5/README.md" not in remote  # peft's stub card names a local base path
 
 
 def test_uploader_is_a_no_op_off_the_main_process(run_dir, monkeypatch):

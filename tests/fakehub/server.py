@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import threading
 import uuid
@@ -209,6 +210,24 @@ class FakeHub:
         return 200, {"branches": branches, "tags": [], "converts": []}
 
 
+def validate_card(content: str) -> tuple[int, dict]:
+    """What the Hub checks in a README.md: YAML front matter that parses to a mapping, and Hub ids."""
+    import yaml
+
+    match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else {}
+    except yaml.YAMLError as err:
+        return 400, {"errors": [{"message": f"Invalid YAML: {err}"}]}
+    if not isinstance(meta, dict):
+        return 400, {"errors": [{"message": "Metadata must be a mapping"}]}
+    ids = [meta.get("base_model")] if isinstance(meta.get("base_model"), str) else meta.get("base_model") or []
+    bad = [i for i in ids + (meta.get("datasets") or []) if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(i))]
+    if bad:
+        return 400, {"errors": [{"message": f"Not a Hub id: {bad[0]}"}]}
+    return 200, {"errors": [], "warnings": []}
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub  # set on the subclass made by serve()
     protocol_version = "HTTP/1.1"
@@ -261,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
             return hub.create_repo(json.loads(body))
         if parts[:2] == ["api", "validate-yaml"]:
             hub.check_auth(auth)
-            return 200, {"errors": [], "warnings": []}
+            return validate_card(json.loads(body)["content"])
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             return self._route_model_api(method, "/".join(parts[2:4]), parts[4:], body, auth)
         if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
