@@ -19,9 +19,13 @@ from huggingface_hub import ModelCard, ModelCardData
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 FRAMEWORKS = ("finetune", "torch", "transformers", "peft", "accelerate", "huggingface_hub")
-# summary.json keys shown first in the metrics table, with their labels.
-METRIC_LABELS = {"train_loss": "train loss", "eval_loss": "eval loss", "tokens_per_s": "tokens/s",
-                 "steps": "steps", "epochs": "epochs", "train_runtime_s": "train time (s)"}
+# summary.json keys (finetune.outputs.write_summary) shown in the results table, with labels.
+METRIC_LABELS = {"train_loss": "train loss", "last_loss": "final train loss", "first_loss": "first train loss",
+                 "eval_loss": "eval loss", "eval_accuracy": "eval accuracy", "best_eval_loss": "best eval loss",
+                 "best_step": "best step", "tokens_per_s": "tokens/s", "tokens_seen": "tokens seen",
+                 "steps": "steps", "wall_time_s": "wall time (s)"}
+# Nested summary sections flattened into the table: data counts and parameter counts.
+SECTIONS = {"data": "data", "parameters": "parameters"}
 
 
 def pick(cfg: dict, dotted: str, default: Any = None) -> Any:
@@ -116,13 +120,29 @@ def table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
     if not rows:
         return "_not recorded_"
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+    return "\n".join(lines + [f"| {name} | {show(value)} |" for name, value in rows])
+
+
+def show(value: Any) -> str:
+    # Floats from the run (losses, tokens/s) carry noise digits; keep 6 significant ones.
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def metric_rows(summary: dict) -> list[tuple[str, Any]]:
-    rows = [(label, summary[key]) for key, label in METRIC_LABELS.items() if key in summary]
-    data_keys = [k for k in summary if k not in METRIC_LABELS and ("examples" in k or "tokens" in k)]
-    return rows + [(key.replace("_", " "), summary[key]) for key in data_keys]
+    rows = [(label, summary[key]) for key, label in METRIC_LABELS.items() if summary.get(key) is not None]
+    for key, label in SECTIONS.items():
+        rows += [(f"{label} {name}", value) for name, value in flatten(summary.get(key)).items()]
+    return rows
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"examples": 3}} -> {"train examples": 3}; scalars only, None dropped."""
+    if not isinstance(node, dict):
+        return {prefix.strip(): node} if node is not None and prefix else {}
+    flat: dict[str, Any] = {}
+    for name, value in node.items():
+        flat.update(flatten(value, f"{prefix} {name}"))
+    return flat
 
 
 def hardware_line(summary: dict) -> str:

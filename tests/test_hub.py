@@ -100,7 +100,8 @@ def test_push_run_uploads_final_merged_config_summary_and_card(fake_hub, run_dir
     assert meta["datasets"] == ["tatsu-lab/alpaca"] and meta["license"] == "apache-2.0"
     assert "base_model" not in meta  # a local path is not a Hub id
     for text in ("AutoPeftModelForCausalLM", "pipeline(\"text-generation\"", "| LoRA r | 4 |",
-                 "| eval loss | 2.7 |", "| tokens/s | 1234.5 |", "| transformers |", "subfolder=\"merged\""):
+                 "| eval loss | 2.7 |", "| tokens/s | 1234.5 |", "| data train examples | 96 |",
+                 "| parameters trainable | 4000 |", "| final train loss | 2.5 |", "| transformers |", "subfolder=\"merged\""):
         assert text in card.text, text
 
     out, err = capsys.readouterr()

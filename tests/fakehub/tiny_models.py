@@ -118,7 +118,11 @@ def build_run_dir(root: Path, task: str = "causal-lm") -> Path:
         "hub:\n  push: true\n  repo_id: tester/tiny\n  license: apache-2.0\n"
         "logger:\n  wandb:\n    api_key: should-not-be-pushed\n"
     )
-    summary = {"train_loss": 2.5, "eval_loss": 2.7, "tokens_per_s": 1234.5, "steps": 10,
-               "num_train_examples": 96, "num_eval_examples": 4, "device": "cpu", "num_devices": 1}
+    # The shape finetune.outputs.write_summary gives it.
+    summary = {"recipe": "lora-llm", "steps": 10, "first_loss": 4.6, "last_loss": 2.5, "eval_loss": 2.7,
+               "eval_accuracy": None, "tokens_per_s": 1234.5, "tokens_seen": 5000, "wall_time_s": 3.2,
+               "parameters": {"total": 200000, "trainable": 4000},
+               "data": {"train": {"examples": 96, "tokens": 4800}, "eval": {"examples": 4}, "packing": True, "rows": 96},
+               "world_size": 1, "device": "cpu"}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
