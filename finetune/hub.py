@@ -98,8 +98,10 @@ def check_no_empty_tensors(final_dir: Path) -> None:
         with safe_open(str(path), framework="pt") as weights:
             names = list(weights.keys())
             empty = [n for n in names if weights.get_slice(n).get_shape().count(0)]
-        if not names or empty:
-            raise HubPushError(f"refusing to push: {path.name} has empty tensors ({', '.join(empty[:3]) or 'none at all'})")
+        if not names:
+            raise HubPushError(f"refusing to push: {path.name} holds no tensors")
+        if empty:
+            raise HubPushError(f"refusing to push: {path.name} has empty tensors ({', '.join(empty[:3])})")
 
 
 def check_chat_template_eos(final_dir: Path) -> None:

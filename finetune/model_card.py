@@ -80,7 +80,10 @@ def base_model_license(base_model: str | None) -> str | None:
     """The license in a local base model's own README front matter, when there is one."""
     if not base_model or not (Path(base_model) / "README.md").is_file():
         return None
-    return ModelCard.load(Path(base_model) / "README.md").data.to_dict().get("license")
+    try:
+        return ModelCard.load(Path(base_model) / "README.md").data.to_dict().get("license")
+    except ValueError:  # a README without valid front matter: no license to inherit
+        return None
 
 
 def dataset_ids(config: dict) -> list[str]:
