@@ -180,6 +180,7 @@ def test_uploader_pushes_a_checkpoint_snapshot_in_the_background(fake_hub, run_d
     uploader = HubUploader(hub_cfg(strategy="every_checkpoint"), run_dir, token=TOKEN,
                            endpoint=fake_hub.url, backoff_s=0)
     assert uploader.wants("checkpoint") and uploader.wants("end") and not uploader.wants("best")
+    fake_hub.fail_next_commits(1)  # the uploader retries too
     uploader.submit(checkpoint, "step 5", path_in_repo="checkpoints/step-5")
     shutil.rmtree(checkpoint)  # rotated away by keep_last before the upload ran: still uploads
     [result] = uploader.close()
@@ -189,6 +190,7 @@ def test_uploader_pushes_a_checkpoint_snapshot_in_the_background(fake_hub, run_d
         (run_dir / "final" / "adapter_model.safetensors").read_bytes()
     assert fake_hub.repos[REPO].commits[0]["message"] == "step 5"
     assert "checkpoints/step-5/README.md" not in remote  # peft's stub card names a local base path
+    assert len([p for m, p in fake_hub.requests if m == "POST" and "/commit/" in p]) == 2
 
 
 def test_uploader_is_a_no_op_off_the_main_process(run_dir, monkeypatch):
