@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, job_info, submit, wait_for, wait_job
+from slurm_jobs import REPO, job_info, submit, wait_for, wait_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import submit, wait_for, wait_job
+from slurm_jobs import submit, wait_for, wait_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
