@@ -1,0 +1,120 @@
+"""``python -m finetune recipe=<name> [key=value ...]`` — the command-line entry.
+
+Stages (``stage=``): ``train`` (default), ``preprocess`` (tokenise + cache the data only, e.g. on
+CPU nodes before a GPU job), ``export`` (merge an adapter into its base model). ``dry_run=true``
+prints the plan (parameters, batch sizes, steps, memory estimate) without training.
+
+Overrides are checked before anything heavy is built: an unknown key, a wrong type or a bad
+choice prints one line naming the key and the valid choices, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from finetune.config import register_configs, validate
+from finetune.errors import ConfigError, FinetuneError
+from finetune.exit_codes import EXIT_CONFIG_ERROR
+
+
+def _config_dir() -> str:
+    repo = Path(__file__).resolve().parent.parent / "conf"
+    packaged = Path(__file__).resolve().parent / "_configs" / "conf"
+    return str(repo if repo.is_dir() else packaged)
+
+
+CONFIG_DIR = _config_dir()
+HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
+
+
+def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+
+
+def run(cfg) -> int:
+    """Run one job from a composed config; returns the exit status."""
+    validate(cfg)
+    launcher = cfg.launcher
+    if (launcher.nproc_per_node > 1 or launcher.nnodes > 1) and not os.environ.get("FINETUNE_LAUNCHED") \
+            and "RANK" not in os.environ:
+        from finetune.launch import launch
+
+        return launch(_overrides(), launcher.nproc_per_node, launcher.nnodes, launcher.node_rank,
+                      launcher.master_addr, launcher.master_port)
+    if cfg.dry_run:
+        from finetune.plan import print_plan
+
+        print_plan(cfg)
+        return 0
+    if cfg.stage == "export":
+        from finetune.stages import run_export
+
+        return run_export(cfg)
+    if cfg.stage == "preprocess":
+        from finetune.stages import run_preprocess
+
+        return run_preprocess(cfg)
+    from finetune.stages import run_train
+
+    return run_train(cfg)
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def _task(cfg) -> None:
+    try:
+        code = run(cfg)
+    except FinetuneError as exc:
+        fail(str(exc), exc.exit_code)
+    if code:
+        sys.exit(code)
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose the config once, turning Hydra/OmegaConf errors into one actionable line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        from finetune.cli_errors import explain
+
+        fail(explain(exc, overrides, CONFIG_DIR))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    register_configs()
+    argv = sys.argv[1:]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not multirun and not any(a in HYDRA_FLAGS_WITHOUT_RUN for a in argv):
+        precheck([a for a in argv if "=" in a and not a.startswith("-")])
+    _setup_logging()
+    import hydra
+
+    hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Turn a raw record into what the tokenizer step consumes, by ``data.format``:
+
+- alpaca (instruction / input / output), messages (OpenAI ``role``/``content``), sharegpt
+  (``from``/``value``) -> a chat: a list of ``{"role", "content"}`` messages;
+- prompt_completion -> ``(prompt, completion)`` raw strings (no chat template);
+- text -> a document string (continued pretraining);
+- classification -> ``(text, label)``.
+
+A bad record raises :class:`BadExample` naming the field; the caller adds file:line and decides
+(``data.on_bad_example``) whether that ends the run or the row is skipped and counted.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant"}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class BadExample(ValueError):
+    """A record that does not fit the format; the message names the field and the problem."""
+
+
+def _field(row: dict, column: str, key: str, *, allow_empty: bool = False) -> str:
+    if column not in row:
+        raise BadExample(f"missing field {column!r} (data.columns.{key}={column})")
+    value = row[column]
+    if not isinstance(value, str):
+        raise BadExample(f"field {column!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadExample(f"field {column!r} is empty")
+    return value
+
+
+def _optional(row: dict, column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadExample(f"field {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_chat(messages: list[dict]) -> list[dict]:
+    if not messages:
+        raise BadExample("the conversation has no messages")
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise BadExample(f"message {i}: unknown role {m['role']!r} (expected {', '.join(CHAT_ROLES)})")
+        if not isinstance(m["content"], str):
+            raise BadExample(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+    if messages[-1]["role"] != "assistant":
+        raise BadExample("the conversation does not end with an assistant message")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadExample("the conversation has no non-empty assistant message")
+    return messages
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def to_chat(row: dict, fmt: str, data: DictConfig) -> list[dict]:
+    cols = data.columns
+    if fmt == "alpaca":
+        instruction = _field(row, cols.instruction, "instruction")
+        extra = _optional(row, cols.input)
+        output = _field(row, cols.output, "output")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        system = _optional(row, cols.system) or data.system_prompt
+        return _check_chat(_with_system([{"role": "user", "content": user},
+                                         {"role": "assistant", "content": output}], system))
+    column = cols.messages if fmt == "messages" else cols.conversations
+    turns = row.get(column)
+    if not isinstance(turns, list):
+        raise BadExample(f"field {column!r} must be a list of messages "
+                         f"(data.columns.{'messages' if fmt == 'messages' else 'conversations'}={column})")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadExample(f"message {i} must be an object")
+        if fmt == "messages":
+            if "role" not in turn or "content" not in turn:
+                raise BadExample(f"message {i} needs 'role' and 'content'")
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        else:
+            if "from" not in turn or "value" not in turn:
+                raise BadExample(f"message {i} needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+            if role is None:
+                raise BadExample(f"message {i}: unknown speaker {turn['from']!r}")
+            messages.append({"role": role, "content": turn["value"]})
+    return _check_chat(_with_system(messages, data.system_prompt))
+
+
+def to_completion(row: dict, data: DictConfig) -> tuple[str, str]:
+    cols = data.columns
+    return (_field(row, cols.prompt, "prompt", allow_empty=True),
+            _field(row, cols.completion, "completion"))
+
+
+def to_text(row: dict, data: DictConfig) -> str:
+    return _field(row, data.columns.text, "text")
+
+
+def to_labelled(row: dict, data: DictConfig) -> tuple[str, str]:
+    cols = data.columns
+    text = _field(row, cols.text, "text")
+    if cols.label not in row or row[cols.label] is None:
+        raise BadExample(f"missing field {cols.label!r} (data.columns.label={cols.label})")
+    return text, str(row[cols.label])

@@ -1,0 +1,182 @@
+"""Tokenise formatted examples into ``input_ids`` + ``labels`` with the loss mask.
+
+Chats go through the tokenizer's own chat template. The template is rendered for each growing
+prefix of the conversation; the string differences give segments (prompt / assistant turn), so
+the mask boundary is exact for any template that renders prefixes as prefixes (checked, with a
+clear error otherwise). All segments of a batch are then encoded in one fast-tokenizer call.
+
+Labels are ``-100`` on prompt tokens (unless ``data.train_on_prompt``), and always on the first
+token of an example: it is never a prediction target, which also keeps packed neighbours from
+training on each other's first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from finetune.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Stats:
+    """Counts reported to the user and written to ``<run_dir>/data_stats.json``."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_target: int = 0
+    skipped_bad: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # first few, for the log
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class Encoded:
+    """Variable-length examples in flat int32 arrays: example i is ``ids[offsets[i]:offsets[i+1]]``."""
+
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
+                 class_labels: np.ndarray | None = None):
+        self.ids, self.labels, self.offsets = ids, labels, offsets
+        self.class_labels = class_labels
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.labels[a:b]
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]], labels: list[list[int]], class_labels=None) -> "Encoded":
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in ids], out=offsets[1:])
+        flat = lambda xs: np.fromiter((t for x in xs for t in x), dtype=np.int32, count=int(offsets[-1]))
+        cl = None if class_labels is None else np.asarray(class_labels, dtype=np.int64)
+        return cls(flat(ids), flat(labels), offsets, cl)
+
+
+def chat_segments(tokenizer, messages: list[dict], train_on_prompt: bool) -> list[tuple[str, bool]]:
+    """Split a rendered chat into (text, trainable) segments at assistant-turn boundaries."""
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                             add_generation_prompt=gen)
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True) if i else ""
+        full = render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise DataError("the tokenizer's chat template does not render conversation prefixes "
+                            "as prefixes, so the loss mask cannot be placed exactly; set "
+                            "model.chat_template to a prefix-stable template")
+        segments.append((prompt[len(done):], train_on_prompt))
+        segments.append((full[len(prompt):], True))
+        done = full
+    tail = render(messages, False)[len(done):]
+    if tail:
+        segments.append((tail, train_on_prompt))
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+def assemble(seg_ids: list[list[int]], seg_trainable: list[bool], eos_id: int,
+             ensure_eos: bool) -> tuple[list[int], list[int]]:
+    """Concatenate segment tokens into one example; make the last trained token EOS."""
+    ids, labels = [], []
+    last_trained = max((i for i, t in enumerate(seg_trainable) if t), default=None)
+    for i, (toks, trainable) in enumerate(zip(seg_ids, seg_trainable)):
+        if ensure_eos and i == last_trained:
+            toks = list(toks)
+            if eos_id in toks:
+                # Template turn ends like "<|im_end|>\n": keep up to the last EOS.
+                toks = toks[: len(toks) - toks[::-1].index(eos_id)]
+            else:
+                toks.append(eos_id)
+        ids.extend(toks)
+        labels.extend(toks if trainable else [IGNORE] * len(toks))
+    if labels:
+        labels[0] = IGNORE
+    return ids, labels
+
+
+def fit_length(ids: list[int], labels: list[int], max_len: int, overlong: str,
+               stats: Stats) -> tuple[list[int], list[int]] | None:
+    """Apply ``data.overlong`` and count; None when the example is dropped."""
+    if len(ids) > max_len:
+        if overlong == "drop":
+            stats.dropped_overlong += 1
+            return None
+        ids, labels = ids[:max_len], labels[:max_len]
+        stats.truncated += 1
+    targets = sum(1 for t in labels[1:] if t != IGNORE)
+    if targets == 0:
+        stats.dropped_no_target += 1
+        return None
+    stats.kept += 1
+    stats.tokens += len(ids)
+    stats.target_tokens += targets
+    return ids, labels
+
+
+def encode_segmented(tokenizer, examples: list[list[tuple[str, bool]]], max_len: int,
+                     overlong: str, stats: Stats, ensure_eos: bool = True,
+                     batch_size: int = 1024) -> tuple[list[list[int]], list[list[int]]]:
+    """Encode segmented examples in batches; returns kept ids and labels."""
+    all_ids, all_labels = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        texts = [text for ex in chunk for text, _ in ex]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        pos = 0
+        for ex in chunk:
+            seg_ids = encoded[pos:pos + len(ex)]
+            pos += len(ex)
+            ids, labels = assemble(seg_ids, [t for _, t in ex], tokenizer.eos_token_id, ensure_eos)
+            fitted = fit_length(ids, labels, max_len, overlong, stats)
+            if fitted:
+                all_ids.append(fitted[0])
+                all_labels.append(fitted[1])
+    return all_ids, all_labels
+
+
+def encode_documents(tokenizer, docs: list[str], max_len: int, stats: Stats):
+    """Continued pretraining: documents + EOS, concatenated and cut into ``max_len`` chunks."""
+    stream: list[int] = []
+    for toks in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        stream.extend(toks + [tokenizer.eos_token_id])
+    ids = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
+    ids = [chunk for chunk in ids if len(chunk) > 1]
+    labels = [[IGNORE] + chunk[1:] for chunk in ids]
+    stats.kept += len(docs)
+    stats.tokens += sum(len(c) for c in ids)
+    stats.target_tokens += sum(len(c) - 1 for c in ids)
+    return ids, labels
+
+
+def encode_labelled(tokenizer, texts: list[str], max_len: int, overlong: str, stats: Stats):
+    """Classification: special tokens from the tokenizer, truncated (or dropped) at max_len."""
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    kept, keep_idx = [], []
+    for i, ids in enumerate(encoded):
+        if len(ids) > max_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            ids = ids[: max_len - 1] + ids[-1:]  # keep the closing special token ([SEP])
+            stats.truncated += 1
+        kept.append(ids)
+        keep_idx.append(i)
+        stats.kept += 1
+        stats.tokens += len(ids)
+    stats.target_tokens = stats.kept
+    return kept, keep_idx

@@ -1,0 +1,97 @@
+"""The stages a run can execute: train, preprocess (data only), export (merge an adapter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.distributed import broadcast_str, build_accelerator, default_run_dir
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
+    """``output_dir`` or a fresh ``runs/<recipe>-<time>``; chosen by rank 0, the same on every rank."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    chosen = None
+    if accelerator is None or accelerator.is_main_process:
+        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+            chosen = HydraConfig.get().runtime.output_dir
+        else:
+            chosen = str(default_run_dir(cfg.recipe))
+    if accelerator is not None:
+        chosen = broadcast_str(accelerator, chosen)
+    return Path(chosen).resolve()
+
+
+def run_train(cfg: DictConfig) -> int:
+    from finetune.trainer import Trainer
+
+    accelerator = build_accelerator(cfg)
+    run_dir = resolve_run_dir(cfg, accelerator)
+    OmegaConf.set_struct(cfg, False)
+    cfg.output_dir = str(run_dir)
+    OmegaConf.set_struct(cfg, True)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    accelerator.wait_for_everyone()
+    trainer = Trainer(cfg, accelerator, run_dir)
+    trainer.setup()
+    if accelerator.is_main_process:
+        from finetune.plan import describe_start
+
+        describe_start(trainer)
+    code = trainer.train()
+    if accelerator.is_main_process and code == 0:
+        from finetune.plan import describe_end
+
+        describe_end(trainer)
+        if cfg.export.merge:
+            from finetune.export import merge_and_export
+
+            merge_and_export(run_dir / "final", run_dir / "merged", dtype=cfg.export.dtype,
+                             max_shard_size=cfg.export.max_shard_size, task=cfg.model.task)
+        if cfg.hub.push:
+            from finetune.hub import push_run
+
+            push_run(run_dir, cfg.hub)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return code
+
+
+def run_preprocess(cfg: DictConfig) -> int:
+    import json
+
+    from finetune.data import prepare_data
+    from finetune.model import load_tokenizer
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    data = prepare_data(cfg, load_tokenizer(cfg), build=local_rank == 0)
+    log.info("data cache: %s (%s)", data.cache_dir, "hit" if data.cache_hit else "built")
+    log.info(json.dumps(data.stats, indent=1))
+    return 0
+
+
+def run_export(cfg: DictConfig) -> int:
+    from finetune.export import merge_and_export
+
+    if not cfg.export.adapter_dir and not cfg.output_dir:
+        raise ConfigError("stage=export needs export.adapter_dir=<dir with the adapter> or "
+                          "output_dir=<run dir> (its final/ is merged)")
+    adapter = Path(cfg.export.adapter_dir or Path(cfg.output_dir) / "final")
+    out = Path(cfg.export.out_dir or adapter.parent / "merged")
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"stage=export: {adapter} has no adapter_config.json; point "
+                          "export.adapter_dir at a LoRA run's final/ directory")
+    path = merge_and_export(adapter, out, dtype=cfg.export.dtype,
+                            max_shard_size=cfg.export.max_shard_size, task=cfg.model.task)
+    log.info("merged model written to %s", path)
+    return 0
