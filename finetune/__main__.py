@@ -41,6 +41,10 @@ def _setup_logging() -> None:
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars on every save
 
 
 def run(cfg) -> int:

@@ -114,11 +114,10 @@ class CheckpointWriter:
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_to_safe(rng_state()), tmp / f"rng-rank{rank}.pt")
 
-    def write_main_files(self, tmp: Path, model, optimizer, scheduler, state: dict,
+    def write_main_files(self, tmp: Path, weights: dict, scheduler, state: dict,
                          scaler=None) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")

@@ -1,4 +1,4 @@
-"""Process group and strategy: one ``Accelerator`` built from the run config.
+"""Process-group helpers shared by the strategies (see ``finetune.strategies``).
 
 On CPU, multi-process runs need ``Accelerator(cpu=True)`` to get gloo (MULTI_CPU); without it
 each process would silently train alone. The collective timeout (``distributed.timeout_s``)
@@ -33,21 +33,10 @@ def mixed_precision(cfg: DictConfig) -> str:
     return precision
 
 
-def build_accelerator(cfg: DictConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    strategy = cfg.distributed.strategy
-    if strategy not in ("none", "ddp"):
-        from finetune.strategies import accelerator_for_strategy
-
-        return accelerator_for_strategy(cfg)
-    if strategy == "none" and world_size_from_env() > 1:
+def check_world(cfg: DictConfig) -> None:
+    if cfg.distributed.strategy == "none" and world_size_from_env() > 1:
         raise ConfigError("several processes were launched but distributed=none; "
                           "set distributed=ddp (or fsdp / zero2 / zero3)")
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg),
-                       kwargs_handlers=[timeout])
 
 
 def broadcast_str(accelerator, value: str | None) -> str | None:

@@ -20,15 +20,19 @@ from finetune.data.tokenize import IGNORE
 
 
 def write_final(trainer) -> Path:
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    model = trainer.acc.unwrap_model(trainer.model)
+    """Called on every rank (sharded weights are gathered collectively); rank 0 writes."""
+    cfg, run_dir, acc = trainer.cfg, trainer.run_dir, trainer.acc
+    final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    state = trainer.strategy.gathered_state(acc, trainer.model)  # None: the module is whole
+    if not acc.is_main_process:
+        return final
+    model = acc.unwrap_model(trainer.model)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    final, tmp = run_dir / "final", run_dir / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.peft.method == "lora":
         # The adapter must point at a base that loads offline (built-ins were saved to base_model/).
         model.peft_config["default"].base_model_name_or_path = trainer.base_ref
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -67,7 +71,7 @@ def write_summary(trainer, final_dir: Path) -> dict:
 def generate_samples(trainer, n: int) -> None:
     """Greedy completions of the first ``n`` eval prompts, appended to ``samples.jsonl``."""
     data = trainer.data.eval
-    if data is None or trainer.cfg.distributed.strategy in ("fsdp", "zero3"):
+    if data is None or not trainer.strategy.can_generate_on_main():
         return  # sharded weights: generation would need every rank
     model = trainer.acc.unwrap_model(trainer.model)
     tok = trainer.tokenizer
@@ -77,7 +81,7 @@ def generate_samples(trainer, n: int) -> None:
         ex = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
         ids, labels = ex
         first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
-        prompt = torch.tensor([ids[:first_target]], device=trainer.acc.device)
+        prompt = torch.as_tensor(ids[:first_target], dtype=torch.long, device=trainer.acc.device)[None]
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              max_new_tokens=trainer.cfg.trainer.sample_max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id,

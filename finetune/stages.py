@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.distributed import broadcast_str, build_accelerator, default_run_dir
+from finetune.distributed import broadcast_str, default_run_dir
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,13 @@ def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
 
 
 def run_train(cfg: DictConfig) -> int:
+    from finetune.distributed import check_world
+    from finetune.strategies import get_strategy
     from finetune.trainer import Trainer
 
-    accelerator = build_accelerator(cfg)
+    check_world(cfg)
+    strategy = get_strategy(cfg)
+    accelerator = strategy.build_accelerator()
     run_dir = resolve_run_dir(cfg, accelerator)
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)
@@ -42,7 +46,7 @@ def run_train(cfg: DictConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     accelerator.wait_for_everyone()
-    trainer = Trainer(cfg, accelerator, run_dir)
+    trainer = Trainer(cfg, accelerator, run_dir, strategy)
     trainer.setup()
     if accelerator.is_main_process:
         from finetune.plan import describe_start

@@ -42,8 +42,8 @@ RUN_KEYS = ("data", "optim", "trainer", "seed")
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, accelerator, run_dir: Path):
-        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+    def __init__(self, cfg: DictConfig, accelerator, run_dir: Path, strategy):
+        self.cfg, self.acc, self.run_dir, self.strategy = cfg, accelerator, run_dir, strategy
         self.is_main = accelerator.is_main_process
         self.step, self.tokens_seen = 0, 0
         self.best_eval: float | None = None
@@ -58,15 +58,16 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self._setup_data()
         self._setup_model()
-        # The schedule needs the number of steps, so it comes after the data plan.
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.resume_dir = ckpt.find_resume_dir(cfg.resume, self.run_dir)
         if self.resume_dir is not None:
             self._check_resumable(ckpt.read_state(self.resume_dir))
+            # Weights before wrapping: every rank loads the full tensors, sharding comes after.
             ckpt.load_trainable(self.model, self.resume_dir / "trainable.safetensors")
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(
-            self.model, self.optimizer, self.scheduler)
+        # The schedule needs the number of steps, so it comes after the data plan; the optimizer
+        # is built by the strategy over the (possibly sharded) parameters it wraps.
+        self.model, self.optimizer, self.scheduler = self.strategy.prepare(
+            self.acc, self.model, lambda m: build_optimizer(m, cfg),
+            lambda o: build_scheduler(o, cfg, self.total_steps))
         if self.resume_dir is not None:
             self._load_resume_state(self.resume_dir)
 
@@ -128,7 +129,7 @@ class Trainer:
 
     def _load_resume_state(self, path: Path) -> None:
         state = ckpt.read_state(path)
-        self.optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        self.strategy.load_optimizer(self.acc, self.optimizer, path)
         self.scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
         rng = ckpt.load_rank_rng(path, self.acc.process_index)
         if rng is not None:
@@ -306,9 +307,10 @@ class Trainer:
             tmp.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.writer.write_rank_files(tmp, acc.process_index)
+        weights = self.strategy.trainable_state(acc, self.model)  # a collective when sharded
+        self.strategy.save_optimizer(acc, self.optimizer, tmp)
         if self.is_main:
-            self.writer.write_main_files(tmp, acc.unwrap_model(self.model), self.optimizer,
-                                         self.scheduler, self._state())
+            self.writer.write_main_files(tmp, weights, self.scheduler, self._state())
         acc.wait_for_everyone()
         final = None
         if self.is_main:
@@ -325,8 +327,8 @@ class Trainer:
         eval_row = self._evaluate_and_track()
         self.final_eval = eval_row
         self.acc.wait_for_everyone()
+        final_dir = write_final(self)  # every rank: sharded weights are gathered collectively
         if self.is_main:
-            final_dir = write_final(self)
             summary = write_summary(self, final_dir)
             self.metrics.close(summary)
             self.console.stop()
