@@ -23,6 +23,9 @@ def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
     if accelerator is None or accelerator.is_main_process:
         if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
             chosen = HydraConfig.get().runtime.output_dir
+        elif os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            # A W&B sweep trial (`wandb agent` sets both): one dir per trial, one parent per sweep.
+            chosen = f"runs/sweep-{os.environ['WANDB_SWEEP_ID'].split('/')[-1]}/{os.environ['WANDB_RUN_ID']}"
         else:
             chosen = str(default_run_dir(cfg.recipe))
     if accelerator is not None:
@@ -57,6 +60,8 @@ def run_train(cfg: DictConfig) -> int:
         from finetune.plan import describe_end
 
         describe_end(trainer)
+        if cfg.logger.plots:
+            write_run_report(run_dir, getattr(trainer, "summary", None))
         if cfg.export.merge:
             from finetune.export import merge_and_export
 
@@ -68,7 +73,27 @@ def run_train(cfg: DictConfig) -> int:
             push_run(run_dir, cfg.hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    reset_accelerate_state()
     return code
+
+
+def write_run_report(run_dir: Path, summary: dict | None) -> None:
+    """loss_curves.png + report.md (finetune.report); a failed plot warns, never fails the run."""
+    from finetune.report import write_report
+
+    try:
+        write_report(run_dir, summary)
+    except Exception as exc:  # noqa: BLE001 - the run itself is done and saved
+        log.warning("run report not written: %s: %s", type(exc).__name__, exc)
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so the next Hydra multirun job in this same
+    process builds its Accelerator from its own config (not the previous job's)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def run_preprocess(cfg: DictConfig) -> int:
