@@ -75,6 +75,7 @@ class DataConfig:
     eval_size: float = 0.05  # held out from train when eval_split is unset: <1 fraction, >=1 count
     sources: list[DataSource] = field(default_factory=list)  # weighted mixture (overrides path)
     streaming: bool = False
+    stream_buffer: int = 2000  # streaming + packing: examples packed together (see data/streaming.py)
     columns: DataColumns = field(default_factory=DataColumns)
     system_prompt: Optional[str] = None
     max_seq_len: int = 512

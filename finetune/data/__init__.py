@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import formats, sources
 from finetune.data.packing import Collator, TokenRows, pack_examples
-from finetune.data.tokenize import (Encoded, Stats, chat_segments, encode_documents,
+from finetune.data.tokenize import (ChatRenderer, Encoded, Stats, chat_segments, encode_documents,
                                     encode_labelled, encode_segmented)
 from finetune.errors import DataError
 
@@ -45,45 +45,64 @@ class PreparedData:
         return Collator(pad_id, packed, pad_to)
 
 
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
+
+
+def source_list(data: DictConfig) -> list:
+    """``data.sources`` when set, else the single source ``data.path`` (weight 1)."""
+    if data.sources:
+        return list(data.sources)
+    return [OmegaConf.create({"path": data.path, "name": data.name, "split": data.split,
+                              "revision": data.revision, "weight": 1.0, "format": None})]
+
+
+def source_format(data: DictConfig, src) -> str:
+    """A mixture source may use another chat format (alpaca + sharegpt, ...); nothing else mixes."""
+    fmt = src.get("format") or data.format
+    if fmt != data.format and not (fmt in CHAT_FORMATS and data.format in CHAT_FORMATS):
+        raise DataError(f"data.sources: {src.path!r} has format={fmt} but data.format={data.format}; "
+                        f"only the chat formats ({', '.join(CHAT_FORMATS)}) can be mixed")
+    return fmt
+
+
 def _records(cfg: DictConfig, split: str | None = None):
+    """(record, format) pairs of every source, mixture weights applied (see :func:`_weighted`)."""
     data = cfg.data
-    srcs = list(data.sources) or [OmegaConf.create({"path": data.path, "name": data.name,
-                                                    "split": data.split, "revision": data.revision,
-                                                    "weight": 1.0})]
-    for src in srcs:
+    for src in source_list(data):
+        fmt = source_format(data, src)
         records = list(sources.read_source(src.path, name=src.name, split=split or src.split,
-                                           revision=src.revision, text_column=data.columns.text,
-                                           streaming=data.streaming))
-        yield from _weighted(records, float(src.weight), cfg.seed)
+                                           revision=src.revision, text_column=data.columns.text))
+        for rec in _weighted(records, float(src.weight), cfg.seed):
+            yield rec, fmt
 
 
 def _weighted(records: list, weight: float, seed: int):
-    """A mixture source contributes ``weight * len(source)`` records (repeats when > 1)."""
+    """Mixture semantics (map-style data): a source contributes ``round(weight * len(source))``
+    records: each record ``int(weight)`` times, plus a seeded sample without replacement of the
+    fractional part (weight 0.5 = a random half, 2.5 = everything twice plus a random half).
+    The trainer shuffles rows, so the order of sources does not matter."""
     if weight == 1.0:
         return records
+    if weight < 0:
+        raise DataError(f"data.sources weight={weight} must be >= 0")
     whole, frac = int(weight), weight - int(weight)
     rng = np.random.default_rng(seed)
     extra = rng.choice(len(records), size=int(round(frac * len(records))), replace=False)
     return records * whole + [records[i] for i in sorted(extra)]
 
 
-def _format_all(cfg: DictConfig, records, stats: Stats) -> list:
-    """Format every record; a bad one ends the run (default) or is skipped and counted."""
-    fmt, data = cfg.data.format, cfg.data
+def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
+    """Format every (record, format) pair; a bad one ends the run (default) or is skipped and counted."""
+    data = cfg.data
+    specs: dict[str, formats.FormatSpec] = {}
     out = []
-    for rec in records:
+    for rec, fmt in pairs:
+        spec = specs.get(fmt) or specs.setdefault(fmt, formats.FormatSpec.from_config(data, fmt))
         stats.read += 1
         try:
-            if "__error__" in rec.row:
+            if isinstance(rec.row, dict) and "__error__" in rec.row:
                 raise formats.BadExample(rec.row["__error__"])
-            if fmt in ("alpaca", "messages", "sharegpt"):
-                out.append(formats.to_chat(rec.row, fmt, data))
-            elif fmt == "prompt_completion":
-                out.append(formats.to_completion(rec.row, data))
-            elif fmt == "text":
-                out.append(formats.to_text(rec.row, data))
-            else:
-                out.append(formats.to_labelled(rec.row, data))
+            out.append(formats.format_record(rec.row, spec))
         except formats.BadExample as exc:
             if data.on_bad_example == "error":
                 raise DataError(f"{rec.origin}: {exc} (data.format={fmt}); fix the row or set "
@@ -94,13 +113,20 @@ def _format_all(cfg: DictConfig, records, stats: Stats) -> list:
     return out
 
 
+def _format_all(cfg: DictConfig, records, stats: Stats) -> list:
+    """Format plain records (all in ``data.format``)."""
+    fmt = cfg.data.format
+    return format_records(cfg, ((rec, fmt) for rec in records), stats)
+
+
 def _encode(cfg: DictConfig, tokenizer, items: list, stats: Stats, label_names=None):
     data, fmt = cfg.data, cfg.data.format
-    if fmt in ("alpaca", "messages", "sharegpt"):
+    if fmt in CHAT_FORMATS:
         if not tokenizer.chat_template:
             raise DataError(f"data.format={fmt} needs a chat template but the tokenizer of "
                             f"{cfg.model.name_or_path!r} has none; set model.chat_template")
-        segmented = [chat_segments(tokenizer, m, data.train_on_prompt) for m in items]
+        render = ChatRenderer(tokenizer)
+        segmented = [chat_segments(render, m, data.train_on_prompt) for m in items]
         ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
         return Encoded.from_lists(ids, labels), None
     if fmt == "prompt_completion":
@@ -164,19 +190,23 @@ def cache_root(cfg: DictConfig) -> Path:
     return Path(root).expanduser() / "data"
 
 
+def build_eval_split(cfg: DictConfig, tokenizer, label_names) -> tuple[Encoded, dict]:
+    """The named eval split (``data.eval_split``: a split name or a local file/glob), encoded."""
+    files = sources.eval_files(cfg.data.path, cfg.data.eval_split)
+    eval_stats = Stats()
+    pairs = (((r, cfg.data.format) for r in sources.read_local(files, cfg.data.columns.text))
+             if files else _records(cfg, split=cfg.data.eval_split))
+    eval_items = format_records(cfg, pairs, eval_stats)
+    eval_enc, _ = _encode(cfg, tokenizer, eval_items, eval_stats, label_names)
+    return eval_enc, eval_stats.as_dict()
+
+
 def _build(cfg: DictConfig, tokenizer) -> tuple[dict, dict]:
     stats = Stats()
-    train_items = _format_all(cfg, _records(cfg), stats)
+    train_items = format_records(cfg, _records(cfg), stats)
     train, names = _encode(cfg, tokenizer, train_items, stats)
-    eval_enc = None
     if cfg.data.eval_split:
-        files = sources.eval_files(cfg.data.path, cfg.data.eval_split)
-        eval_stats = Stats()
-        records = (sources.read_local(files, cfg.data.columns.text) if files
-                   else _records(cfg, split=cfg.data.eval_split))
-        eval_items = _format_all(cfg, records, eval_stats)
-        eval_enc, _ = _encode(cfg, tokenizer, eval_items, eval_stats, names)
-        stats_eval = eval_stats.as_dict()
+        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, names)
     else:
         train, eval_enc = _holdout(cfg, train)
         stats_eval = {"kept": 0 if eval_enc is None else len(eval_enc), "held_out_from_train": True}
@@ -235,10 +265,56 @@ def _rows(enc: Encoded | None, cfg: DictConfig) -> tuple[TokenRows | None, dict]
     return TokenRows(enc, bins), {"rows": len(bins), "packing_efficiency": real / (len(bins) * cfg.data.max_seq_len)}
 
 
+def _prepare_streaming(cfg: DictConfig, tokenizer, key: str, t0: float) -> PreparedData:
+    """``data.streaming=true``: a :class:`StreamingRows` for train, eval materialised (see streaming.py)."""
+    import itertools
+
+    from finetune.data.stream_sources import Mixture
+    from finetune.data.streaming import StreamingRows, encode_chunk
+
+    data = cfg.data
+    srcs = source_list(data)
+    fmts = [source_format(data, s) for s in srcs]
+    names = list(data.labels) or None
+    if data.format == "classification" and not names:
+        raise DataError("data.streaming=true with data.format=classification needs data.labels="
+                        "[...] (the label set cannot be inferred from a stream)")
+    eval_enc, stats_eval, start = None, {}, None
+    if data.eval_split:
+        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, names)
+    elif data.eval_size:
+        if data.eval_size < 1:
+            raise DataError(f"data.eval_size={data.eval_size} is a fraction, but a stream's size is "
+                            "unknown: set data.eval_size=<count> (records held out from the start "
+                            "of the stream), data.eval_split=<split>, or data.eval_size=0")
+        mixture = Mixture(srcs, fmts, data.columns.text, [cfg.seed, 0])
+        pairs = list(itertools.islice(iter(mixture), int(data.eval_size)))
+        held = Stats()
+        examples = encode_chunk(cfg, tokenizer, pairs, held, names)
+        if examples:
+            eval_enc = Encoded.from_lists([e[0] for e in examples], [e[1] for e in examples],
+                                          None if names is None else [e[2] for e in examples])
+        stats_eval = {**held.as_dict(), "held_out_from_train": True}
+        start = mixture.position
+    train = StreamingRows(cfg, tokenizer, srcs, fmts, start, names)
+    evals, pack_eval = _rows(eval_enc, cfg)
+    stats = {"train": train.report(), "eval": stats_eval,
+             "cache": {"hit": False, "seconds": time.perf_counter() - t0, "streaming": True}}
+    if pack_eval:
+        stats["eval"]["packing"] = pack_eval
+    return PreparedData(train, evals, stats, names, cache_root(cfg) / f"stream-{key}", False,
+                        time.perf_counter() - t0)
+
+
 def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedData:
-    """Load (or build and cache) the run's datasets. ``build=False``: wait for another process."""
+    """Load (or build and cache) the run's datasets. ``build=False``: wait for another process.
+
+    With ``data.streaming=true`` nothing is cached: every process streams (see streaming.py).
+    """
     t0 = time.perf_counter()
     key = cache_key(cfg, tokenizer)
+    if cfg.data.streaming:
+        return _prepare_streaming(cfg, tokenizer, key, t0)
     path = cache_root(cfg) / key
     failed = path.with_name(f"{key}.failed")
     hit = (path / "meta.json").exists()

@@ -30,7 +30,23 @@ class Record:
     origin: str  # "path:line" for local files, "hub-id[split]#row" for Hub datasets
 
 
+def is_dataset_repo(path: str) -> bool:
+    """A local directory laid out like a Hub dataset repo: a README.md whose YAML front matter
+    declares ``configs:`` (or ``dataset_info:``). It is loaded by ``datasets.load_dataset`` like a
+    Hub id, so config name and split apply."""
+    readme = Path(os.path.expanduser(path)) / "README.md"
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    front = text[3:].split("\n---", 1)[0]
+    return any(line.startswith(("configs:", "dataset_info:")) for line in front.splitlines())
+
+
 def _is_local(path: str) -> bool:
+    if is_dataset_repo(path):
+        return False
     return path.startswith(("/", "./", "../", "~")) or any(c in path for c in "*?[") \
         or Path(path).suffix in LOCAL_SUFFIXES or Path(path).exists()
 
@@ -111,23 +127,33 @@ def read_local(files: list[Path], text_column: str = "text") -> Iterator[Record]
 
 def read_hub(path: str, *, name: str | None, split: str, revision: str | None,
              streaming: bool = False) -> Iterator[Record]:
-    """A Hub dataset (or a local dataset repo / script dir) through ``datasets.load_dataset``."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(path, name=name, split=split, revision=revision,
-                                   streaming=streaming)
-    except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DataError(f"data.path={path!r} (split {split!r}) could not be loaded: {first}; "
-                        "check the id/split, or pass a local file with data.path=<file>") from exc
+    """A Hub dataset (or a local dataset repo dir) through ``datasets.load_dataset``."""
+    ds = load_hub(path, name=name, split=split, revision=revision, streaming=streaming)
     for i, row in enumerate(ds):
         yield Record(row, f"{path}[{split}]#row{i}")
 
 
+def load_hub(path: str, *, name: str | None, split: str, revision: str | None, streaming: bool):
+    """``datasets.load_dataset`` with its failures turned into one actionable DataError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(os.path.expanduser(path), name=name, split=split,
+                                     revision=revision, streaming=streaming)
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataError(f"data.path={path!r} (split {split!r}) could not be loaded: {first}; "
+                        "check the id/split, or pass a local file with data.path=<file>") from exc
+
+
+def is_local_source(path: str) -> bool:
+    """Files read by finetune itself (True) or a dataset for ``datasets.load_dataset`` (False)."""
+    return path in BUILTIN or _is_local(path)
+
+
 def read_source(path: str, *, name=None, split="train", revision=None, text_column="text",
                 streaming=False) -> Iterator[Record]:
-    if path in BUILTIN or _is_local(path):
+    if is_local_source(path):
         yield from read_local(resolve_files(path), text_column)
     else:
         yield from read_hub(path, name=name, split=split, revision=revision, streaming=streaming)
@@ -146,6 +172,11 @@ def fingerprint(path: str, *, name=None, split="train", revision=None) -> str:
     """What identifies the source's content: file paths + sizes + mtimes, or Hub id + revision."""
     if path in BUILTIN or _is_local(path):
         parts = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in resolve_files(path)]
+    elif is_dataset_repo(path):
+        root = Path(os.path.expanduser(path)).resolve()
+        parts = [f"repo:{root}:{name}:{split}:{revision}"] + [
+            f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(root.rglob("*"))
+            if f.is_file() and ".git" not in f.parts]
     else:
         parts = [f"hub:{path}:{name}:{split}:{revision}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
