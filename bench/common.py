@@ -1,0 +1,76 @@
+"""Shared helpers for the benchmarks: machine facts, child processes with their peak RSS, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("FINETUNE_SHARED_DATA", "/work/shared/data"))
+
+
+def machine() -> dict:
+    """CPU model, core count, load average, date and commit: printed with every figure."""
+    model = platform.processor() or "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "finetune", "bench"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return {"cpu": model, "cores": os.cpu_count(), "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit + ("+dirty" if dirty else "")}
+
+
+def print_machine(title: str) -> dict:
+    m = machine()
+    print(f"# {title}\n# machine: {m['cpu']} ({m['cores']} cores), load {m['load']}, "
+          f"{m['date']}, commit {m['commit']}\n# command: {' '.join(sys.argv)}", flush=True)
+    return m
+
+
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None,
+              log: Path | None = None) -> tuple[int, float, float]:
+    """Run ``cmd`` in a fresh process; returns (exit status, wall seconds, peak RSS MiB of that child)."""
+    t0 = time.perf_counter()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd or REPO, stdout=out,
+                            stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format). Markdown, so it pastes into RESULTS.md as is."""
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
