@@ -14,7 +14,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from finetune.errors import ModelError
@@ -57,8 +57,26 @@ def tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+# Whole-word entries for the built-in encoder's WordPiece vocabulary: common English words
+# (and the shipped review sample's words); anything else falls back to characters.
+COMMON_WORDS = """the a an and or but not no is was are were be been it this that my your our their i
+you he she we they me him her us them of to in on at for with from by as about into over after
+very really quite so too just also still again never always would could should will can may
+good bad great excellent wonderful lovely perfect fantastic superb delightful terrible awful
+broken useless horrible disappointing poor faulty okay average ordinary acceptable fine standard
+typical plain new old found feels feel say same honestly phone blender lamp chair jacket kettle
+camera backpack keyboard speaker love hate like happy sad angry afraid surprised glad sorry
+""".split()
+
+
 def tiny_bert_tokenizer() -> PreTrainedTokenizerFast:
-    raw = _char_tokenizer(BERT_SPECIALS)
+    chars = [c for c in CHARS if not c.isspace()]
+    vocab_list = BERT_SPECIALS + chars + ["##" + c for c in chars] + COMMON_WORDS
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    raw = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.decoder = decoders.WordPiece()
     cls_id, sep_id = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
     raw.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",

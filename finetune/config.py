@@ -245,6 +245,9 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks; raises a one-line ConfigError naming the key(s) and the fix."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required but not set; pass {missing[0]}=<value>")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

@@ -65,12 +65,20 @@ def resolve_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
     return torch.float32
 
 
+def check_environment(cfg: DictConfig) -> None:
+    """Fail before any data or model work when the machine cannot run this config."""
+    _quantization_config(cfg)
+
+
 def _quantization_config(cfg: DictConfig):
     if not cfg.model.load_in_4bit:
         return None
     if not torch.cuda.is_available():
         raise ConfigError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU and bitsandbytes; "
                           "on CPU use recipe=lora-llm")
+    if builtin.builtin_name(cfg.model.name_or_path) is not None:
+        raise ConfigError("model.load_in_4bit=true quantizes a pretrained checkpoint; set "
+                          "model.name_or_path to a Hub id or local model directory")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:

@@ -35,20 +35,18 @@ def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
 
 def run_train(cfg: DictConfig) -> int:
     from finetune.distributed import check_world
+    from finetune.model import check_environment
     from finetune.strategies import get_strategy
     from finetune.trainer import Trainer
 
     check_world(cfg)
+    check_environment(cfg)
     strategy = get_strategy(cfg)
     accelerator = strategy.build_accelerator()
     run_dir = resolve_run_dir(cfg, accelerator)
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)
     OmegaConf.set_struct(cfg, True)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    accelerator.wait_for_everyone()
     trainer = Trainer(cfg, accelerator, run_dir, strategy)
     trainer.setup()
     if accelerator.is_main_process:

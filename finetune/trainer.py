@@ -9,7 +9,6 @@ batch exactly, whatever the lengths.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -55,6 +54,10 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.acc.wait_for_everyone()
         self.tokenizer = load_tokenizer(cfg)
         self._setup_data()
         self._setup_model()
@@ -75,9 +78,21 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         # One builder per node; the others poll the cache directory (no collective timeout).
         self.data = prepare_data(cfg, self.tokenizer, build=acc.local_process_index == 0)
-        lengths = self.data.train.row_lengths() if cfg.trainer.group_by_length and not cfg.data.packing else None
-        self.plan = BatchPlan(len(self.data.train), cfg.trainer.micro_batch_size,
-                              cfg.trainer.grad_accum, acc.num_processes, cfg.seed, lengths)
+        if cfg.data.streaming:
+            # Rows come on the fly (data/streaming.py): one "epoch" of max_steps steps; the plan
+            # only sizes the steps, the stream's own position replaces its row order.
+            if cfg.trainer.max_steps <= 0:
+                from finetune.errors import ConfigError
+
+                raise ConfigError("data.streaming=true needs trainer.max_steps > 0 (a stream has "
+                                  "no known length to count epochs in)")
+            rows = cfg.trainer.max_steps * acc.num_processes * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
+            self.plan = BatchPlan(rows, cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
+                                  acc.num_processes, cfg.seed)
+        else:
+            lengths = self.data.train.row_lengths() if cfg.trainer.group_by_length and not cfg.data.packing else None
+            self.plan = BatchPlan(len(self.data.train), cfg.trainer.micro_batch_size,
+                                  cfg.trainer.grad_accum, acc.num_processes, cfg.seed, lengths)
         if self.plan.steps_per_epoch == 0:
             from finetune.errors import ConfigError
 
@@ -135,6 +150,8 @@ class Trainer:
         if rng is not None:
             ckpt.restore_rng(rng)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if self.cfg.data.streaming:
+            self.data.train.load_state_dict(state["data_stream"])
         self.best_eval, self.best_step = state.get("best_eval"), state.get("best_step")
         self.history = state.get("history", [])
         self.tracker_ids = state.get("tracker_ids", {})
@@ -144,6 +161,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- train
     def _loader(self, epoch: int, start_step: int):
+        if self.cfg.data.streaming:  # continues from the stream's position (restored on resume)
+            return self.data.train.micro_batches(self.acc.process_index, self.acc.num_processes,
+                                                 self.cfg.trainer.micro_batch_size,
+                                                 self.cfg.trainer.grad_accum, self.collate)
         batches = self.plan.micro_batches(epoch, start_step, self.acc.process_index)
         return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches,
                                            collate_fn=self.collate,
@@ -192,7 +213,12 @@ class Trainer:
             self.console.stop()
         return exit_code
 
-    def _optimizer_step(self, micro: list[dict], step_targets: float):
+    def accumulate_gradients(self, micro: list[dict], step_targets: float) -> torch.Tensor:
+        """Backward over one optimizer step's micro-batches; returns this rank's loss share.
+
+        Each micro-batch's summed loss is scaled by ``world_size / step_targets``: DDP averages
+        gradients over ranks, so the result is the gradient of the mean over all the step's targets.
+        """
         acc, model = self.acc, self.model
         scale = acc.num_processes / max(step_targets, 1.0)
         local_loss = torch.zeros((), device=acc.device)
@@ -202,14 +228,18 @@ class Trainer:
                 loss = self.loss_sum(model, self._to_device(batch))
                 acc.backward(loss * scale)
             local_loss += loss.detach()
+        # Kept on the device: the host reads it only at log steps (no sync every step).
+        return local_loss / max(step_targets, 1.0)
+
+    def _optimizer_step(self, micro: list[dict], step_targets: float):
+        step_loss = self.accumulate_gradients(micro, step_targets)
         grad_norm = None
         if self.cfg.optim.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.max_grad_norm)
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Kept on the device: the host reads it only at log steps (no sync every step).
-        return local_loss / max(step_targets, 1.0), grad_norm
+        return step_loss, grad_norm
 
     def _after_step(self, window: dict) -> None:
         t, step = self.cfg.trainer, self.step
@@ -298,7 +328,8 @@ class Trainer:
                                 "run": config_hash(self.cfg, RUN_KEYS)},
                 "tracker_ids": {type(t).__name__.lower().replace("tracker", ""): t.run_id
                                 for t in (self.metrics.trackers if self.metrics else []) if t.run_id},
-                "history": self.history}
+                "history": self.history,
+                **({"data_stream": self.data.train.state_dict(self.step)} if self.cfg.data.streaming else {})}
 
     def save_checkpoint(self, reason: str) -> Path | None:
         acc = self.acc
@@ -334,15 +365,3 @@ class Trainer:
             self.console.stop()
             self.summary = summary
         self.acc.wait_for_everyone()
-
-
-def resolved_config_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def write_config(cfg: DictConfig, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(resolved_config_yaml(cfg))
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())

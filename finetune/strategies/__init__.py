@@ -36,8 +36,13 @@ class Strategy:
         timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=self.cfg.distributed.timeout_s))
         # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule
         # num_processes times per optimizer step; ours counts optimizer steps, whatever the world size.
-        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(self.cfg),
-                           kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
+        kwargs = dict(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(self.cfg),
+                      kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
+        return Accelerator(**{**kwargs, **self.accelerator_kwargs()})
+
+    def accelerator_kwargs(self) -> dict:
+        """What a strategy adds to (or changes in) the Accelerator's arguments."""
+        return {}
 
     def prepare(self, accelerator, model, optimizer_factory, scheduler_factory):
         """Wrap the model and build optimizer + scheduler over the wrapped parameters."""
