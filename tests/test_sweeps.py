@@ -216,13 +216,14 @@ def test_hydra_multirun_two_points_and_summary(tmp_path):
     fixed = ["recipe=lora-llm", "trainer.max_steps=3", "trainer.log_steps=1", "trainer.eval_max_batches=2",
              "trainer.sample_prompts=0", "trainer.progress=false"]
 
-    def finetune(*args):
-        proc = subprocess.run([sys.executable, "-m", "finetune", *fixed, *args], capture_output=True,
+    def finetune(*args, multirun=False):
+        flags = ["-m"] if multirun else []  # Hydra's flags go before the overrides
+        proc = subprocess.run([sys.executable, "-m", "finetune", *flags, *fixed, *args], capture_output=True,
                               text=True, timeout=600, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     sweep_dir = tmp_path / "multirun"
-    finetune("-m", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep_dir}")
+    finetune("optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep_dir}", multirun=True)
     for num, lr in ((0, 1e-3), (1, 2e-3)):
         run = sweep_dir / str(num)
         assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == lr

@@ -58,9 +58,9 @@ def wandb_records(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """run id, name, group, tags, notes, config (nested) and history rows of an offline run dir."""
+    """id, name, group, tags, notes, config, history rows and artifacts of an offline run dir."""
     (log,) = run_dir.glob("run-*.wandb")
-    out = {"config": {}, "history": []}
+    out = {"config": {}, "history": [], "artifacts": []}
     for rec in wandb_records(log):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -70,6 +70,9 @@ def read_offline_run(run_dir: Path) -> dict:
             items = r.config.update
         elif kind == "config":
             items = rec.config.update
+        elif kind == "artifact":
+            out["artifacts"].append((rec.artifact.name, rec.artifact.type))
+            continue
         elif kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                    for i in rec.history.item})
@@ -103,6 +106,7 @@ def tracked_run(tmp_path_factory):
     out = tmp / "my-run"
     proc = finetune([*FAST, "trainer.max_steps=4", "logger=wandb", "logger.tensorboard.enabled=true",
                      "logger.wandb.group=grp", "logger.wandb.tags=[a,b]", "logger.wandb.notes=hello",
+                     "logger.wandb.log_artifact=true",
                      f"output_dir={out}"], tmp)
     return out, proc
 
@@ -122,6 +126,7 @@ def test_wandb_offline_run_has_config_and_metrics(tracked_run):
     assert train == {r["step"]: pytest.approx(r["loss"]) for r in rows if "loss" in r}
     assert evals == {r["step"]: pytest.approx(r["eval_loss"]) for r in rows if "eval_loss" in r}
     assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+    assert data["artifacts"] == [("my-run-final", "model")]  # logger.wandb.log_artifact
     assert "wandb:" not in proc.stdout + proc.stderr  # the console stays clean
 
 
