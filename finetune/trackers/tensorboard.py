@@ -20,11 +20,17 @@ log = logging.getLogger(__name__)
 
 class TensorboardTracker(Tracker):
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_id: str | None = None):
-        from torch.utils.tensorboard import SummaryWriter
+        self.writer = None
+        try:  # like W&B, TensorBoard never stops training (e.g. the package is not installed)
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("TensorBoard disabled: %s: %s (pip install tensorboard)", type(exc).__name__, exc)
 
     def log(self, row: dict, step: int) -> None:
+        if self.writer is None:
+            return
         prefix = "eval" if "eval_loss" in row else "train"
         for key, value in row.items():
             if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -33,6 +39,8 @@ class TensorboardTracker(Tracker):
             self.writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
 
     def finish(self, summary: dict) -> None:
+        if self.writer is None:
+            return
         step = summary.get("steps") or 0
         for key, value in summary.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
