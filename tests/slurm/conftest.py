@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+import slurm_jobs
 from slurm_jobs import sh
 
 
@@ -27,3 +28,12 @@ def slurm_cluster() -> list[str]:
     if len(up) < 2:
         pytest.skip(f"need 2 SLURM nodes up, sinfo says {out.strip()!r}: run .ci/slurm-up.sh as root")
     return up
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its jobs running (they would hold the nodes)."""
+    first = len(slurm_jobs.SUBMITTED)
+    yield
+    for job_id in slurm_jobs.SUBMITTED[first:]:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)

@@ -64,7 +64,7 @@ def test_usr1_reaches_each_worker_once_then_requeue(slurm_cluster, tmp_path):
     job = submit("train.sbatch", f"output_dir={out}", log=log,
                  env={"FINETUNE_PYTHON": str(fake), "GPUS_PER_NODE": "2"})
     wait_for(lambda: all((out / f"ready-0-{r}").exists() for r in range(2)), 120,
-             "both workers to start")
+             "both workers to start", job, log)
     # what `#SBATCH --signal=B:USR1@120` does at the time limit: signal the batch shell only
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
     info = wait_job(job, 300, log)
