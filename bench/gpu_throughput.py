@@ -16,7 +16,7 @@ Figures (after the warm-up window, from finetune's metrics.jsonl):
   example of n tokens (QK^T and AV, causal half, forward + backward), and the peak is MEASURED:
   the best of a few large bf16 matmuls on this card (fp32 on CPU).
 
-    python bench/gpu_throughput.py                       # on a GPU: LoRA then full, ~4-5 min
+    python bench/gpu_throughput.py                       # on a GPU: LoRA then full, ~3-5 min
     python bench/gpu_throughput.py --device cpu --tiny   # CPU smoke test of the same path (~1 min)
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
         except ImportError:
             a.attn = "sdpa"
     shape = "tiny" if a.tiny else "0.5b"
-    defaults = dict(seq_len=256, mb=2, steps=6, warmup=2) if a.tiny else dict(seq_len=4096, mb=2, steps=30, warmup=5)
+    defaults = dict(seq_len=256, mb=2, steps=6, warmup=2) if a.tiny else dict(seq_len=4096, mb=2, steps=50, warmup=10)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -161,7 +161,7 @@ def main() -> None:
 
         print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     peak, how = measured_peak_flops(a.device)
-    print(f"# measured peak: {peak / 1e12:.1f} TFLOP/s ({how})", flush=True)
+    print(f"# measured peak: {peak / 1e12:.3g} TFLOP/s ({how})", flush=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / f"model-{shape}", work / "synthetic.jsonl"
@@ -203,7 +203,7 @@ def main() -> None:
                        ("mfu", "MFU", ".1%"), ("mem", "peak CUDA alloc MiB", ",.0f"),
                        ("rss", "peak RSS MiB", ",.0f"), ("wall", "process s", ".0f"), ("loss", "loss", "")]))
     print(f"# N = {n_params / 1e6:.1f}M, attention {attn_per_tok / 1e6:.1f} MFLOP/token, peak "
-          f"{peak / 1e12:.1f} TFLOP/s measured; commit {m['commit']}")
+          f"{peak / 1e12:.3g} TFLOP/s measured; commit {m['commit']}")
 
 
 if __name__ == "__main__":
