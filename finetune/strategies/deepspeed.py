@@ -97,7 +97,19 @@ class DeepSpeedStrategy(Strategy):
         # on CPU: with none, accelerate reports one process although DeepSpeed joined the group.
         group = InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
                                        timeout=datetime.timedelta(seconds=self.cfg.distributed.timeout_s))
-        return {"cpu": False, "deepspeed_plugin": plugin, "kwargs_handlers": [group]}
+        return {"cpu": False, "deepspeed_plugin": plugin, "kwargs_handlers": [group],
+                "gradient_accumulation_steps": self.cfg.trainer.grad_accum}  # agrees with the DS config
+
+    def build_accelerator(self):
+        accelerator = super().build_accelerator()
+        # accelerate registers the config with transformers even with zero3_init_flag=False, and
+        # transformers would then build the model already partitioned (zero.Init: a different
+        # random init, and no whole weights to load a resumed checkpoint into). Build it whole;
+        # the engine partitions it in prepare().
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        return accelerator
 
     def prepare(self, accelerator, model, optimizer_factory, scheduler_factory):
         optimizer = optimizer_factory(model)
@@ -154,6 +166,9 @@ class DeepSpeedStrategy(Strategy):
         # Every rank writes its own optimizer partition; tag=tmp.name writes straight into tmp.
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False,
                                     exclude_frozen_parameters=True)
+        if accelerator.is_main_process:  # DeepSpeed's recovery scripts land next to the checkpoints
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (tmp.parent / script).unlink(missing_ok=True)
 
     def load_optimizer(self, accelerator, optimizer, path: Path) -> None:
         saved = ckpt.read_state(path).get("world_size")
