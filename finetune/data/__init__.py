@@ -1,19 +1,15 @@
 """The data pipeline: source -> format -> tokenise (+ loss mask, EOS) -> pack or pad -> cache.
 
-``prepare_data`` is the one entry point. Its result is cached on disk under a key that hashes
-everything that changes it (source files + mtimes or Hub revision, format, columns, tokenizer and
-template, lengths, packing, seed of the eval hold-out), so a second run skips tokenisation. In a
+``prepare_data`` is the one entry point. Its result is cached on disk (cache.py) under a key that
+hashes everything that changes it (source files + mtimes or Hub revision, format, columns,
+tokenizer and template, lengths, seed of the eval hold-out), so a second run skips tokenisation. In a
 multi-process run one process per node builds the cache and the others poll the file system for
 it: no collective is involved, so a long tokenisation cannot hit a NCCL/gloo timeout.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +18,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import formats, sources
+from finetune.data.cache import cache_key, cache_root, load_entry, save_entry, wait_for_entry
 from finetune.data.packing import Collator, TokenRows, pack_examples
-from finetune.data.tokenize import (ChatRenderer, Encoded, Stats, chat_segments, encode_documents,
-                                    encode_labelled, encode_segmented)
+from finetune.data.tokenize import (IGNORE, ChatRenderer, Encoded, Stats, chat_segments,
+                                    encode_documents, encode_labelled, encode_segmented)
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
-PIPELINE_VERSION = "1"  # bump when tokenisation/packing output changes
 
 
 @dataclass
@@ -155,6 +151,11 @@ def _subset(enc: Encoded, idx: np.ndarray) -> Encoded:
     return Encoded.from_lists(ids, labels, cl)
 
 
+def _counts(enc: Encoded, cfg: DictConfig) -> dict:
+    targets = len(enc) if cfg.data.format == "classification" else int((enc.labels != IGNORE).sum())
+    return {"kept": len(enc), "tokens": len(enc.ids), "target_tokens": targets}
+
+
 def _holdout(cfg: DictConfig, enc: Encoded) -> tuple[Encoded, Encoded | None]:
     size = cfg.data.eval_size
     n_eval = int(round(size * len(enc))) if size < 1 else int(size)
@@ -165,29 +166,6 @@ def _holdout(cfg: DictConfig, enc: Encoded) -> tuple[Encoded, Encoded | None]:
                         "leaving none to train on; lower data.eval_size")
     perm = np.random.default_rng(cfg.seed).permutation(len(enc))
     return _subset(enc, np.sort(perm[n_eval:])), _subset(enc, np.sort(perm[:n_eval]))
-
-
-def cache_key(cfg: DictConfig, tokenizer) -> str:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k in ("cache_dir", "num_proc", "packing"):  # packing happens at load time
-        data.pop(k, None)
-    srcs = data["sources"] or [{"path": data["path"], "name": data["name"], "split": data["split"],
-                                "revision": data["revision"]}]
-    prints = [sources.fingerprint(s["path"], name=s.get("name"), split=s.get("split", "train"),
-                                  revision=s.get("revision")) for s in srcs]
-    if data["eval_split"]:
-        files = sources.eval_files(data["path"], data["eval_split"])
-        prints += [sources.fingerprint(str(f)) for f in files or []] or [data["eval_split"]]
-    tok = hashlib.sha256((tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template)
-                          + str(tokenizer.eos_token)).encode()).hexdigest()
-    payload = {"data": data, "sources": prints, "tokenizer": tok, "seed": cfg.seed,
-               "task": cfg.model.task, "version": PIPELINE_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def cache_root(cfg: DictConfig) -> Path:
-    root = cfg.data.cache_dir or os.environ.get("FINETUNE_CACHE") or "~/.cache/finetune"
-    return Path(root).expanduser() / "data"
 
 
 def build_eval_split(cfg: DictConfig, tokenizer, label_names) -> tuple[Encoded, dict]:
@@ -209,50 +187,16 @@ def _build(cfg: DictConfig, tokenizer) -> tuple[dict, dict]:
         eval_enc, stats_eval = build_eval_split(cfg, tokenizer, names)
     else:
         train, eval_enc = _holdout(cfg, train)
-        stats_eval = {"kept": 0 if eval_enc is None else len(eval_enc), "held_out_from_train": True}
+        stats_eval = {"kept": 0, "held_out_from_train": True}
+        if eval_enc is not None:  # the counts so far cover train + held-out eval: split them
+            stats_eval.update(_counts(eval_enc, cfg))
+            stats.kept, stats.tokens, stats.target_tokens = _counts(train, cfg).values()
     if len(train) == 0:
         raise DataError(f"data.path={cfg.data.path!r}: no training examples left after formatting "
                         f"and length filtering ({stats.as_dict()}); check the data and data.max_seq_len")
     arrays = {"train": train, "eval": eval_enc}
     meta = {"stats": {"train": stats.as_dict(), "eval": stats_eval}, "label_names": names}
     return arrays, meta
-
-
-def _save(path: Path, arrays: dict, meta: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, enc in arrays.items():
-        if enc is None:
-            continue
-        extra = {} if enc.class_labels is None else {"class_labels": enc.class_labels}
-        np.savez(tmp / f"{split}.npz", ids=enc.ids, labels=enc.labels, offsets=enc.offsets, **extra)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.rename(tmp, path)  # atomic publish; another builder may have won the race
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load(path: Path) -> tuple[dict, dict]:
-    arrays = {}
-    for split in ("train", "eval"):
-        f = path / f"{split}.npz"
-        if f.exists():
-            z = np.load(f)
-            arrays[split] = Encoded(z["ids"], z["labels"], z["offsets"],
-                                    z["class_labels"] if "class_labels" in z else None)
-        else:
-            arrays[split] = None
-    return arrays, json.loads((path / "meta.json").read_text())
-
-
-def _wait_for(path: Path, failed: Path, poll_s: float = 1.0) -> None:
-    """Non-builders poll the file system (no collective, so no timeout to hit)."""
-    while not (path / "meta.json").exists():
-        if failed.exists():
-            raise DataError(f"data preprocessing failed on the building process: {failed.read_text()}")
-        time.sleep(poll_s)
 
 
 def _rows(enc: Encoded | None, cfg: DictConfig) -> tuple[TokenRows | None, dict]:
@@ -328,10 +272,10 @@ def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedD
                 failed.write_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 raise
             meta["build_seconds"] = time.perf_counter() - t0
-            _save(path, arrays, meta)
+            save_entry(path, arrays, meta)
         else:
-            _wait_for(path, failed)
-    arrays, meta = _load(path)
+            wait_for_entry(path, failed)
+    arrays, meta = load_entry(path)
     train, pack_train = _rows(arrays["train"], cfg)
     evals, pack_eval = _rows(arrays["eval"], cfg)
     stats = dict(meta["stats"])
@@ -339,7 +283,9 @@ def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedD
         stats["packing"] = {"train": pack_train, "eval": pack_eval}
     seconds = time.perf_counter() - t0
     if hit:
-        stats["cache"] = {"hit": True, "seconds": seconds, "saved_seconds": meta.get("build_seconds", 0.0) - seconds}
+        saved = meta.get("build_seconds", 0.0) - seconds
+        stats["cache"] = {"hit": True, "seconds": seconds, "saved_seconds": saved}
+        log.info("data cache hit %s: loaded in %.2fs, %.1fs of preprocessing saved", path, seconds, saved)
     else:
         stats["cache"] = {"hit": False, "seconds": seconds}
     return PreparedData(train, evals, stats, meta.get("label_names"), path, hit, seconds)

@@ -24,7 +24,11 @@ IGNORE = -100
 
 @dataclass
 class Stats:
-    """Counts reported to the user and written to ``<run_dir>/data_stats.json``."""
+    """Counts reported to the user and written to ``<run_dir>/data_stats.json``.
+
+    ``read`` counts records, ``kept``/``tokens``/``target_tokens`` the examples of the split (for
+    the text format an example is a chunk of ``max_seq_len`` tokens).
+    """
 
     read: int = 0
     kept: int = 0
@@ -193,7 +197,7 @@ def encode_documents(tokenizer, docs: list[str], max_len: int, stats: Stats):
     ids = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
     ids = [chunk for chunk in ids if len(chunk) > 1]
     labels = [[IGNORE] + chunk[1:] for chunk in ids]
-    stats.kept += len(docs)
+    stats.kept += len(ids)  # examples = chunks of max_len tokens
     stats.tokens += sum(len(c) for c in ids)
     stats.target_tokens += sum(len(c) - 1 for c in ids)
     return ids, labels
