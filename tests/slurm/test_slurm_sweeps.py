@@ -16,7 +16,7 @@ import yaml
 
 from slurm_jobs import REPO, submit, wait_job
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(2400)]  # loaded CI hosts are slow
 
 
 def test_sweep_array_override_file(slurm_cluster, tmp_path):

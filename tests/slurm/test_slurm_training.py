@@ -18,7 +18,7 @@ import pytest
 
 from slurm_jobs import submit, wait_for, wait_job
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(2400)]  # loaded CI hosts are slow
 
 COMMON = ("recipe=lora-llm", "distributed=ddp", "trainer.log_steps=1", "seed=7")
 
