@@ -108,3 +108,17 @@ def test_counts_are_written_to_the_run_dir(tmp_path):
     assert (stats["train"]["kept"], stats["train"]["skipped_bad"]) == (36, 1)
     assert stats["eval"]["kept"] == 4
     assert "36 examples kept" in run.stdout
+
+
+def test_unreachable_hub_dataset_is_one_line(tmp_path):
+    line = _one_error_line(_preprocess(tmp_path, "no-such-user/no-such-dataset"))
+    assert "data.path='no-such-user/no-such-dataset'" in line and "could not be loaded" in line
+
+
+def test_bad_row_in_a_dataset_repo_names_split_and_row(tmp_path):
+    from test_data_sources import _dataset_repo
+
+    repo = _dataset_repo(tmp_path / "repo")
+    write_jsonl(repo / "data" / "train.jsonl", alpaca_rows(2) + [{"instruction": "x", "output": ""}])
+    line = _one_error_line(_preprocess(tmp_path, repo))
+    assert f"{repo}[train]#row2: field 'output' is empty" in line

@@ -176,3 +176,15 @@ def test_trainer_resumes_a_stream_exactly(tmp_path):
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     assert losses("resumed") == {s: v for s, v in losses("full").items() if s > 2}
+
+
+def test_classification_stream_needs_label_names(tmp_path):
+    from finetune.builtin import tiny_bert_tokenizer
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    args = ("recipe=lora-classifier", "model=tiny-bert", "data.format=classification")
+    with pytest.raises(DataError, match="needs data.labels"):
+        prepare_data(_cfg(tmp_path, path, *args), tiny_bert_tokenizer())
+    data = prepare_data(_cfg(tmp_path, path, *args, "data.labels=[neg,pos]"), tiny_bert_tokenizer())
+    batch = next(data.train.micro_batches(0, 1, 2, 1, Collator(0, packed=False)))
+    assert batch["class_labels"].tolist() == [1, 0]

@@ -137,6 +137,8 @@ def load_hub(path: str, *, name: str | None, split: str, revision: str | None, s
     """``datasets.load_dataset`` with its failures turned into one actionable DataError."""
     import datasets
 
+    # datasets' per-split progress bars go to stderr, where a failed run must leave one line.
+    datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(os.path.expanduser(path), name=name, split=split,
                                      revision=revision, streaming=streaming)

@@ -68,6 +68,8 @@ class StreamingRows:
         self.capacity = cfg.data.max_seq_len
         self.packing = bool(cfg.data.packing)
         self.buffer = int(cfg.data.stream_buffer) if self.packing else CHUNK
+        if self.buffer < 1:
+            raise DataError(f"data.stream_buffer={self.buffer} must be >= 1 (examples packed together)")
         self.start = copy.deepcopy(start)  # where every epoch begins (after held-out eval records)
         self._reset(epoch=0, position=self.start)
         self.stats = Stats()
