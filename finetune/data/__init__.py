@@ -64,18 +64,19 @@ def source_format(data: DictConfig, src) -> str:
 def _records(cfg: DictConfig, split: str | None = None):
     """(record, format) pairs of every source, mixture weights applied (see :func:`_weighted`)."""
     data = cfg.data
-    for src in source_list(data):
+    for index, src in enumerate(source_list(data)):
         fmt = source_format(data, src)
         records = list(sources.read_source(src.path, name=src.name, split=split or src.split,
                                            revision=src.revision, text_column=data.columns.text))
-        for rec in _weighted(records, float(src.weight), cfg.seed):
+        for rec in _weighted(records, float(src.weight), [cfg.seed, index]):
             yield rec, fmt
 
 
-def _weighted(records: list, weight: float, seed: int):
+def _weighted(records: list, weight: float, seed: list[int]):
     """Mixture semantics (map-style data): a source contributes ``round(weight * len(source))``
     records: each record ``int(weight)`` times, plus a seeded sample without replacement of the
-    fractional part (weight 0.5 = a random half, 2.5 = everything twice plus a random half).
+    fractional part (weight 0.5 = a random half, 2.5 = everything twice plus a random half),
+    seeded with ``[seed, source index]``.
     The trainer shuffles rows, so the order of sources does not matter."""
     if weight == 1.0:
         return records

@@ -23,7 +23,7 @@ from finetune.data import sources
 from finetune.data.tokenize import Encoded
 from finetune.errors import DataError
 
-PIPELINE_VERSION = "2"  # bump when tokenisation/packing output changes
+PIPELINE_VERSION = "3"  # bump when tokenisation/packing output changes
 
 
 def cache_key(cfg: DictConfig, tokenizer) -> str:
