@@ -284,16 +284,23 @@ class Trainer:
         chunks = [idx[i:i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
         if t.eval_max_batches:
             chunks = chunks[: t.eval_max_batches]
+        real = len(chunks)
+        if not self.strategy.can_generate_on_main():
+            # Sharded weights make each forward a collective: every rank runs as many as rank 0
+            # (which has the most rows); the extra forwards repeat row 0 and count nothing.
+            most = math.ceil(math.ceil(len(self.data.eval) / acc.num_processes) / t.micro_batch_size)
+            chunks += [[0]] * (min(most, t.eval_max_batches or most) - real)
         loss_sum, count, correct = 0.0, 0.0, 0.0
         classify = self.cfg.model.task == "sequence-classification"
-        for rows in chunks:
+        for k, rows in enumerate(chunks):
+            keep = float(k < real)
             batch = self._to_device(self.collate([self.data.eval[i] for i in rows]))
             with acc.autocast():
-                loss_sum += float(self.loss_sum(model, batch))
+                loss_sum += keep * float(self.loss_sum(model, batch))
                 if classify:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    correct += float((logits.argmax(-1) == batch["class_labels"]).sum())
-            count += count_targets(batch)
+                    correct += keep * float((logits.argmax(-1) == batch["class_labels"]).sum())
+            count += keep * count_targets(batch)
         loss_sum, count, correct = all_reduce_sum(acc, [loss_sum, count, correct])
         model.train()
         out = {"step": self.step, "eval_loss": loss_sum / max(count, 1.0)}

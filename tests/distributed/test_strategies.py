@@ -8,9 +8,12 @@ adapter (so all strategies agree with each other within twice the tolerance).
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
-from distributed_runs import STEPS, adapter, losses, max_diff, run
+from distributed_runs import BASE, STEPS, adapter, losses, max_diff, run, two_procs
 
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 VARIANTS = ["zero1", "fsdp-offload", "zero2-offload", "zero3-offload"]
@@ -38,3 +41,16 @@ def test_compile_with_sharding_is_a_config_error(tmp_path, strategy):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "trainer.compile" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sharded_eval_with_uneven_rows_per_rank(tmp_path):
+    # 9 eval rows, micro 4: rank 0 gets 5 rows (2 forwards), rank 1 gets 4 (1 forward). Under FSDP
+    # each forward is a collective, so rank 1 must run a padding forward or both ranks hang.
+    out = tmp_path / "uneven"
+    run([*BASE, "trainer.max_steps=1", *two_procs("fsdp"), "trainer.eval_max_batches=0",
+         "data.eval_split=null", "data.eval_size=9", "distributed.timeout_s=60",
+         f"output_dir={out}"], timeout=200)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
