@@ -188,3 +188,17 @@ def test_classification_stream_needs_label_names(tmp_path):
     data = prepare_data(_cfg(tmp_path, path, *args, "data.labels=[neg,pos]"), tiny_bert_tokenizer())
     batch = next(data.train.micro_batches(0, 1, 2, 1, Collator(0, packed=False)))
     assert batch["class_labels"].tolist() == [1, 0]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_on_a_stream(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(100))
+    run = run_cli("recipe=lora-llm", f"data.path={path}", "data.streaming=true", "data.packing=true",
+                  "data.eval_split=null", "data.eval_size=8", "launcher.nproc_per_node=2", "distributed=ddp",
+                  "trainer.max_steps=2", "trainer.save_steps=1", "trainer.micro_batch_size=2",
+                  "trainer.sample_prompts=0", "trainer.progress=false", "logger.plots=false",
+                  f"output_dir={tmp_path / 'run'}", cache_dir=tmp_path / "cache")
+    assert run.returncode == 0, run.stderr[-2000:]
+    state = json.loads((tmp_path / "run/checkpoints/step-00000001/trainer_state.json").read_text())
+    assert state["data_stream"]["steps_drawn"] == 1 and state["world_size"] == 2
+    assert state["data_stream"]["rows_emitted"] == 4  # 2 ranks x 2 rows: each rank its own slice
