@@ -6,7 +6,7 @@
 # Debian/Ubuntu packages `slurm-wlm` + `munge` (installed here if missing).
 #
 # Idempotent: running it again stops the daemons it started, rewrites the config and starts
-# them fresh. Exits 0 once `sinfo` shows n1 and n2 idle; otherwise prints why (plus the tail
+# them fresh with an empty job queue (`slurmctld -c`: jobs of the previous cluster are dropped). Exits 0 once `sinfo` shows n1 and n2 idle; otherwise prints why (plus the tail
 # of the daemon logs) and exits non-zero. Prints how long the bring-up took.
 #
 # No accounting daemon (slurmdbd) is configured, so `sacct` does not work here; finished
@@ -47,7 +47,8 @@ for pf in /run/slurmctld.pid /run/slurmd-n1.pid /run/slurmd-n2.pid; do
 done
 if [ -n "$pids" ]; then
   kill $pids 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 $pids 2>/dev/null || break; sleep 0.2; done
+  alive() { for p in $pids; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+  for _ in $(seq 1 50); do alive || break; sleep 0.2; done
   kill -9 $pids 2>/dev/null || true
   rm -f /run/slurmctld.pid /run/slurmd-n1.pid /run/slurmd-n2.pid
 fi

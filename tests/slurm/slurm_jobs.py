@@ -31,8 +31,8 @@ def job_env(**extra: str) -> str:
 
 def submit(script: str, *overrides: str, log: Path, sbatch_args: tuple[str, ...] = (),
            env: dict[str, str] | None = None) -> str:
-    """Submit slurm/<script> with Hydra overrides; return the job id."""
-    cmd = ["sbatch", "--parsable", f"--output={log}", f"--chdir={REPO}",
+    """Submit slurm/<script> with Hydra overrides, run in the log's directory; return the job id."""
+    cmd = ["sbatch", "--parsable", f"--output={log}", f"--chdir={log.parent}",
            f"--export={job_env(**(env or {}))}", *sbatch_args, str(SLURM_DIR / script), *overrides]
     job_id = sh(*cmd).strip().split(";")[0]
     SUBMITTED.append(job_id)
