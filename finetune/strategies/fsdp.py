@@ -10,7 +10,8 @@ Maths: the reduce-scatter averages gradients over ranks like DDP, so the trainer
 
 State:
 - trainable weights (checkpoints) and ``final/`` are gathered full tensors
-  (``DTensor.full_tensor()``, a collective every rank joins), never local shards;
+  (``DTensor.full_tensor()``, a collective every rank joins), never local shards; rank 0 keeps
+  them (a LoRA ``final/`` gathers only the adapter and saved modules);
 - optimizer state is saved *gathered* (``get_optimizer_state_dict(full_state_dict=True)``, keyed
   by parameter name) in ``optimizer.pt`` and re-sharded on load, so a checkpoint resumes on any
   world size (the trainer still requires the same global batch to resume exactly).
@@ -76,7 +77,8 @@ class FSDPStrategy(Strategy):
 
     # ------------------------------------------------------------ weights
     def trainable_state(self, accelerator, model) -> dict[str, torch.Tensor]:
-        return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+        return _gather(((n, p) for n, p in model.named_parameters() if p.requires_grad),
+                       accelerator.is_main_process)
 
     def load_trainable(self, accelerator, model, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -85,8 +87,9 @@ class FSDPStrategy(Strategy):
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def gathered_state(self, accelerator, model) -> dict[str, torch.Tensor]:
-        # Every entry is gathered by every rank (a collective per tensor); rank 0 saves them.
-        return {k: _full(v) for k, v in model.state_dict().items()}
+        if self.cfg.peft.method != "none":  # an adapter is exactly the trainable tensors
+            return self.trainable_state(accelerator, model)
+        return _gather(model.state_dict().items(), accelerator.is_main_process)
 
     def can_generate_on_main(self) -> bool:
         return False  # a forward needs every rank's shards
@@ -108,9 +111,14 @@ class FSDPStrategy(Strategy):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def _gather(named, keep: bool) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors on the rank that keeps them ({} elsewhere). Every rank must call: each
+    ``full_tensor()`` is a collective. One tensor at a time, so no rank holds the whole model."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous().clone()
+    out = {}
+    for name, t in named:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = full.detach().to("cpu").contiguous().clone()
+    return out
