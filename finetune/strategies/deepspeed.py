@@ -57,10 +57,6 @@ class DeepSpeedStrategy(Strategy):
                               "set trainer.compile=false")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-        if "RANK" not in os.environ:  # one process: DeepSpeed still needs a (1-rank) process group
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
     def ds_config(self) -> dict:
         """The DeepSpeed config, derived from the run's config only."""
@@ -89,6 +85,11 @@ class DeepSpeedStrategy(Strategy):
 
     def accelerator_kwargs(self) -> dict:
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        if "RANK" not in os.environ:  # one process: DeepSpeed still needs a (1-rank) process group
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
         # zero3_init_flag=False: the model is built whole (the trainer loads resumed weights
         # into it before wrapping); the engine partitions it in prepare().
