@@ -18,7 +18,7 @@ Modes:
 - ``fixed``: every example exactly L tokens (examples >= L tokens truncated to L), no packing for
   anyone: nothing to gain from padding, so this measures the loop (and the loss path).
 
-    python bench/vs_hf.py --quick            # tiny model, ~2 min
+    python bench/vs_hf.py --quick            # tiny model, 4 steps x 6 runs (20 min at load ~12 on 2 cores)
     python bench/vs_hf.py                    # SmolLM2-135M shape (slow on 2 CPU cores)
 """
 
@@ -250,7 +250,7 @@ def run_one(kind: str, work: Path, info: dict, mode: str, a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps, one repeat (~2 min)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 4 steps (2 warm-up), one repeat")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--steps", type=int, default=None, help="total steps per run (warm-up included)")
     p.add_argument("--warmup", type=int, default=None)
