@@ -166,9 +166,12 @@ class Trainer:
                                                  self.cfg.trainer.micro_batch_size,
                                                  self.cfg.trainer.grad_accum, self.collate)
         batches = self.plan.micro_batches(epoch, start_step, self.acc.process_index)
+        # A private generator: creating a DataLoader iterator otherwise draws from the global
+        # torch RNG, so a resumed run (new iterator mid-epoch) would shift every dropout mask.
         return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches,
                                            collate_fn=self.collate,
-                                           num_workers=self.cfg.trainer.num_workers)
+                                           num_workers=self.cfg.trainer.num_workers,
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.acc.device
