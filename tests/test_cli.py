@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_cli
+from run_helpers import run_cli
 
 
 def assert_one_line_error(proc, *needles):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, REPO, compose
+from run_helpers import CONF, REPO, compose
 from finetune.errors import ConfigError
 
 GROUPS = ["model", "data", "peft", "optim", "trainer", "distributed", "logger"]

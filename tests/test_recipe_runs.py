@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_trainer, read_metrics, run_cli
+from run_helpers import build_trainer, read_metrics, run_cli
 
 
 def assert_run_dir_contract(run_dir, peft=True):

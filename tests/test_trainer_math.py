@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_trainer, compose
+from run_helpers import build_trainer, compose
 from finetune.loss import count_targets
 from finetune.optim import build_scheduler, lr_lambda, param_groups
 from finetune.sampler import BatchPlan

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, build_trainer, read_metrics, run_cli, train_losses
+from run_helpers import REPO, build_trainer, read_metrics, run_cli, train_losses
 from finetune.exit_codes import EXIT_PREEMPTED
 
 COMMON = ["recipe=lora-llm", "trainer.max_steps=40", "trainer.micro_batch_size=16", "trainer.log_steps=1",
