@@ -65,10 +65,13 @@ def run_train(cfg: DictConfig) -> int:
 
             merge_and_export(run_dir / "final", run_dir / "merged", dtype=cfg.export.dtype,
                              max_shard_size=cfg.export.max_shard_size, task=cfg.model.task)
-        if cfg.hub.push:
-            from finetune.hub import push_run
-
-            push_run(run_dir, cfg.hub)
+        if trainer.uploader.wants("end"):
+            trainer.uploader.submit_run()
+        for result in trainer.uploader.close(wait=True):  # failures were logged; files stay local
+            if result.ok:
+                log.info("pushed %s to the Hub: %s", result.what, result.commit_url)
+    elif code != 0:
+        trainer.uploader.close(wait=False)  # preempted: leave now, the checkpoint is local
     accelerator.wait_for_everyone()
     accelerator.end_training()
     reset_accelerate_state()

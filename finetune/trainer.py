@@ -58,6 +58,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.acc.wait_for_everyone()
+        from finetune.hub import HubUploader
+
+        # Created first: a missing hub.repo_id or token fails now, not after hours of training.
+        self.uploader = HubUploader(cfg.hub, self.run_dir)
         self.tokenizer = load_tokenizer(cfg)
         self._setup_data()
         self._setup_model()
@@ -359,6 +363,10 @@ class Trainer:
             keep = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
             self.writer.prune(self.cfg.trainer.keep_last, keep)
             log.info("checkpoint (%s): %s", reason, final)
+            event = "best" if reason == "best" else "checkpoint"
+            if self.uploader.wants(event):  # background upload; training does not wait
+                self.uploader.submit(final, f"{reason} checkpoint at step {self.step}",
+                                     path_in_repo=f"checkpoints/{final.name}")
         acc.wait_for_everyone()
         self.last_save_time = time.monotonic()
         return final
