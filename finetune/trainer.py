@@ -149,6 +149,8 @@ class Trainer:
     def _load_resume_state(self, path: Path) -> None:
         state = ckpt.read_state(path)
         self.strategy.load_optimizer(self.acc, self.optimizer, path)
+        if self.acc.scaler is not None and (path / "scaler.pt").exists():
+            self.acc.scaler.load_state_dict(ckpt.load_torch(path / "scaler.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
         rng = ckpt.load_rank_rng(path, self.acc.process_index)
         if rng is not None:
@@ -355,7 +357,8 @@ class Trainer:
         weights = self.strategy.trainable_state(acc, self.model)  # a collective when sharded
         self.strategy.save_optimizer(acc, self.optimizer, tmp)
         if self.is_main:
-            self.writer.write_main_files(tmp, weights, self.scheduler, self._state())
+            self.writer.write_main_files(tmp, weights, self.scheduler, self._state(),
+                                         scaler=self.acc.scaler)  # fp16 loss scale (GPU)
         acc.wait_for_everyone()
         final = None
         if self.is_main:
