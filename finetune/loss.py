@@ -46,10 +46,10 @@ def causal_lm_loss_sum_full(model, batch: dict) -> torch.Tensor:
     return loss
 
 
-def classification_loss_sum(model, batch: dict) -> torch.Tensor:
+def classification_loss_sum(model, batch: dict, return_logits: bool = False):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     loss = F.cross_entropy(out.logits.float(), batch["class_labels"], reduction="sum")
-    return loss
+    return (loss, out.logits) if return_logits else loss  # eval: accuracy from the same forward
 
 
 def count_targets(batch: dict) -> int:

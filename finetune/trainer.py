@@ -305,10 +305,12 @@ class Trainer:
             keep = float(k < real)
             batch = self._to_device(self.collate([self.data.eval[i] for i in rows]))
             with acc.autocast():
-                loss_sum += keep * float(self.loss_sum(model, batch))
-                if classify:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                if classify:  # one forward gives the loss and the accuracy
+                    loss, logits = self.loss_sum(model, batch, return_logits=True)
                     correct += keep * float((logits.argmax(-1) == batch["class_labels"]).sum())
+                else:
+                    loss = self.loss_sum(model, batch)
+                loss_sum += keep * float(loss)
             count += keep * count_targets(batch)
         loss_sum, count, correct = all_reduce_sum(acc, [loss_sum, count, correct])
         model.train()
