@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, median, print_machine, run_child, table  # noqa: E402
+from common import REPO, median, print_machine, table  # noqa: E402
 
 # A 0.9M-parameter model on an oversubscribed machine: extra OpenMP threads only add contention.
 ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
