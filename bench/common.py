@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `import finetune` from a checkout that is not pip-installed
+    sys.path.insert(1, str(REPO))
 SHARED = Path(os.environ.get("FINETUNE_SHARED_DATA", "/work/shared/data"))
 
 
