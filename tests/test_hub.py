@@ -35,6 +35,9 @@ REPO = "tester/tiny"
 def fake_hub(tmp_path, monkeypatch):
     # The fake Hub does not speak Xet: make the client use the LFS protocol for large files.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    # The suite runs with HF_HUB_OFFLINE=1 (nothing may reach the internet); this local endpoint
+    # is the one server the client is allowed to talk to.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     hub, server = serve(tmp_path / "hub", TOKEN)
     yield hub
