@@ -95,9 +95,6 @@ def describe_start(trainer) -> None:
     log.info("steps: %d (%d per epoch, %d rows per step)%s", trainer.total_steps,
              trainer.plan.steps_per_epoch, trainer.plan.rows_per_step,
              f", resuming at step {trainer.step}" if trainer.step else "")
-    import json
-
-    (trainer.run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
 
 
 def describe_end(trainer) -> None:

@@ -9,6 +9,7 @@ batch exactly, whatever the lengths.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -64,6 +65,8 @@ class Trainer:
         self.uploader = HubUploader(cfg.hub, self.run_dir)
         self.tokenizer = load_tokenizer(cfg)
         self._setup_data()
+        if self.is_main:  # kept / truncated / dropped / skipped counts, packing, cache hit
+            (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=1))
         self._setup_model()
         self.resume_dir = ckpt.find_resume_dir(cfg.resume, self.run_dir)
         if self.resume_dir is not None:
