@@ -1,6 +1,5 @@
 """Every shipped YAML composes and validates, so no config can rot."""
 
-from pathlib import Path
 
 import pytest
 

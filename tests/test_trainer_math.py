@@ -1,6 +1,5 @@
 """Loss maths of the loop: accumulation equals one big batch; schedules; weight-decay groups."""
 
-import math
 
 import pytest
 import torch

@@ -54,9 +54,6 @@ class Strategy:
         """Full (gathered) trainable weights, keyed like the unwrapped model's parameters."""
         return ckpt.trainable_state(accelerator.unwrap_model(model))
 
-    def load_trainable(self, accelerator, model, path: Path) -> None:
-        ckpt.load_trainable(accelerator.unwrap_model(model), path)
-
     def save_optimizer(self, accelerator, optimizer, tmp: Path) -> None:
         if accelerator.is_main_process:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -148,17 +148,6 @@ class DeepSpeedStrategy(Strategy):
             raise RuntimeError("gathered an empty tensor from a ZeRO-3 partition; refusing to save")
         return out
 
-    def load_trainable(self, accelerator, model, path: Path) -> None:
-        import deepspeed
-
-        tensors = ckpt.load_file(str(path))
-        module = accelerator.unwrap_model(model)
-        for name, p in module.named_parameters():
-            if name in tensors:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.stage == 3):
-                    with torch.no_grad():
-                        p.copy_(tensors[name])
-
     def can_generate_on_main(self) -> bool:
         return self.stage < 3  # ZeRO-3: a forward needs every rank
 

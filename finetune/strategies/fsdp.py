@@ -80,12 +80,6 @@ class FSDPStrategy(Strategy):
         return _gather(((n, p) for n, p in model.named_parameters() if p.requires_grad),
                        accelerator.is_main_process)
 
-    def load_trainable(self, accelerator, model, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        tensors = ckpt.load_file(str(path))
-        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-
     def gathered_state(self, accelerator, model) -> dict[str, torch.Tensor]:
         if self.cfg.peft.method != "none":  # an adapter is exactly the trainable tensors
             return self.trainable_state(accelerator, model)
