@@ -1,6 +1,7 @@
 """A real training run with hub.push=true, through the CLI, against the local fake Hub."""
 
 import pytest
+from huggingface_hub import ModelCard
 
 from fakehub.server import serve
 from run_helpers import run_cli
@@ -32,7 +33,9 @@ def test_training_run_pushes_adapter_checkpoints_and_card(hub, tmp_path):
                  "config.yaml", "summary.json", "merged/config.json",
                  "checkpoints/step-00000003/trainable.safetensors"):
         assert name in files, (name, sorted(files))
-    assert b"base_model" in files["README.md"] or b"library_name" in files["README.md"]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and "finetune" in card.data.tags
+    assert "AutoPeftModelForCausalLM" in card.text
     # The token is nowhere: not in the logs, not in any file of the run dir, not on the Hub.
     assert TOKEN not in proc.stdout + proc.stderr
     for path in run_dir.rglob("*"):
