@@ -13,7 +13,7 @@ Train samples/s excludes the warm-up steps (finetune: metrics.jsonl windows, log
 HF: step-end timestamps). Each run is a fresh process; the order alternates per repeat.
 
     python bench/vs_hf_classifier.py --quick     # ~2 min
-    python bench/vs_hf_classifier.py             # 300 steps x 2 repeats
+    python bench/vs_hf_classifier.py             # 300 steps x 3 repeats (seeds 42, 43, 44)
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def convert(work: Path) -> None:
         (work / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
 
 
-def finetune_cmd(work: Path, steps: int, log_steps: int, out: Path) -> list[str]:
+def finetune_cmd(work: Path, steps: int, log_steps: int, out: Path, seed: int = SEED,
+                 extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "finetune", "recipe=lora-classifier", "model=all-minilm-l6-v2",
             f"data.path={work / 'train.jsonl'}", "data.format=classification",
             f"data.eval_split={work / 'val.jsonl'}", f"data.labels=[{','.join(LABELS)}]",
@@ -53,8 +54,8 @@ def finetune_cmd(work: Path, steps: int, log_steps: int, out: Path) -> list[str]
             f"optim.warmup_steps={WARMUP_LR}", "optim.scheduler=cosine", "optim.weight_decay=0.0",
             "optim.max_grad_norm=1.0", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={BS}",
             "trainer.grad_accum=1", f"trainer.log_steps={log_steps}", "trainer.eval_steps=0",
-            "trainer.save_steps=0", "trainer.progress=false", "logger.plots=false", f"seed={SEED}",
-            f"output_dir={out}"]
+            "trainer.save_steps=0", "trainer.progress=false", "logger.plots=false", f"seed={seed}",
+            f"output_dir={out}", *extra]
 
 
 def finetune_result(out: Path, warmup: int) -> dict:
@@ -72,7 +73,7 @@ def finetune_result(out: Path, warmup: int) -> dict:
     return {"samples_s": samples / seconds, "accuracy": acc}
 
 
-def hf_worker(work: Path, steps: int, warmup: int) -> None:
+def hf_worker(work: Path, steps: int, warmup: int, seed: int) -> None:
     import datasets
     import numpy as np
     import torch
@@ -81,7 +82,7 @@ def hf_worker(work: Path, steps: int, warmup: int) -> None:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     index = {n: i for i, n in enumerate(LABELS)}
@@ -109,7 +110,7 @@ def hf_worker(work: Path, steps: int, warmup: int) -> None:
                              warmup_steps=WARMUP_LR, lr_scheduler_type="cosine", weight_decay=0.0,
                              max_grad_norm=1.0, optim="adamw_torch", logging_steps=steps,
                              save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-                             seed=SEED, use_cpu=True)
+                             seed=seed, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
                       callbacks=[Stamp()])
     trainer.train()
@@ -126,11 +127,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--work", default=None)
+    p.add_argument("--finetune-arg", action="append", default=[], metavar="OVERRIDE",
+                   help="an extra Hydra override for the finetune runs (repeatable), e.g. "
+                        "trainer.group_by_length=false")
+    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return hf_worker(Path(a.work), a.steps, a.warmup)
-    defaults = dict(steps=60, warmup=10, repeats=1) if a.quick else dict(steps=300, warmup=20, repeats=2)
+        return hf_worker(Path(a.work), a.steps, a.warmup, a.seed)
+    defaults = dict(steps=60, warmup=10, repeats=1) if a.quick else dict(steps=300, warmup=20, repeats=3)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -146,24 +151,27 @@ def main() -> None:
     results: dict[str, list] = {"finetune": [], "hf": []}
     env = {"TOKENIZERS_PARALLELISM": "false"}
     for rep in range(a.repeats):
+        seed = SEED + rep  # both frameworks share the seed of a repeat; repeats differ in seed
         for kind in (["finetune", "hf"] if rep % 2 == 0 else ["hf", "finetune"]):
             log = work / f"log-{kind}-{rep}.txt"
             if kind == "finetune":
                 out = work / "run"
                 shutil.rmtree(out, ignore_errors=True)
-                code, wall, rss = run_child(finetune_cmd(work, a.steps, a.warmup, out), env=env, log=log)
+                code, wall, rss = run_child(finetune_cmd(work, a.steps, a.warmup, out, seed,
+                                                         tuple(a.finetune_arg)), env=env, log=log)
                 res = finetune_result(out, a.warmup) if code == 0 else None
             else:
                 code, wall, rss = run_child([sys.executable, __file__, "--worker", "--work", str(work),
-                                             "--steps", str(a.steps), "--warmup", str(a.warmup)],
+                                             "--steps", str(a.steps), "--warmup", str(a.warmup),
+                                             "--seed", str(seed)],
                                             env=env, log=log)
                 lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
                 res = json.loads(lines[-1][7:]) if code == 0 and lines else None
             if res is None:
                 raise SystemExit(f"{kind} failed ({code}); see {log}")
-            res.update(rss_mib=rss, wall_s=wall, load=os.getloadavg()[0])
+            res.update(rss_mib=rss, wall_s=wall, load=os.getloadavg()[0], seed=seed)
             results[kind].append(res)
-            print(f"  rep {rep} {kind:8s} train samples/s {res['samples_s']:7.1f}  eval acc "
+            print(f"  rep {rep} seed {seed} {kind:8s} train samples/s {res['samples_s']:7.1f}  eval acc "
                   f"{res['accuracy']:.4f}  rss {rss:.0f} MiB  load {res['load']:.2f}", flush=True)
     rows = [{"framework": k, "samples_s": median([r["samples_s"] for r in rs]),
              "acc": median([r["accuracy"] for r in rs]), "rss": max(r["rss_mib"] for r in rs),
@@ -176,8 +184,13 @@ def main() -> None:
     speed = ft["samples_s"] / hf["samples_s"]
     pairs = [f["samples_s"] / h["samples_s"] for f, h in zip(results["finetune"], results["hf"])]
     print(f"finetune/hf train samples/s {speed:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in pairs)}); "
-          f"target >= 1.3x: {'MET' if speed >= 1.3 else 'NOT MET'}. Accuracy {ft['acc']:.4f} vs "
-          f"{hf['acc']:.4f}; target finetune >= HF: {'MET' if ft['acc'] >= hf['acc'] else 'NOT MET'}")
+          f"target >= 1.3x: {'MET' if speed >= 1.3 else 'NOT MET'}.")
+    accs = {k: [r["accuracy"] for r in rs] for k, rs in results.items()}
+    mean = {k: sum(v) / len(v) for k, v in accs.items()}
+    print(f"val accuracy per seed: finetune {', '.join(f'{x:.4f}' for x in accs['finetune'])}; "
+          f"hf {', '.join(f'{x:.4f}' for x in accs['hf'])}")
+    print(f"val accuracy mean over {a.repeats} seed(s): finetune {mean['finetune']:.4f} vs hf {mean['hf']:.4f}; "
+          f"target finetune >= HF: {'MET' if mean['finetune'] >= mean['hf'] else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Which rows each rank trains on, at any step, computed rather than iterated.
 
 The unit is the optimizer step: ``S = world_size * micro_batch_size * grad_accum`` rows. An
-epoch's order is a seeded permutation (optionally length-grouped within chunks of 50 steps, with
-the chunks' steps shuffled) cut into steps of S rows; rows ``n % S`` left at the end of an epoch
+epoch's order is a seeded permutation (optionally length-grouped: sorted by length within chunks of
+``group_steps`` steps, the chunks' steps shuffled) cut into steps of S rows; rows ``n % S`` left at the end of an epoch
 are reported and reshuffled into the next epoch. Because a step's rows depend only on
 (seed, epoch, step), resuming at step 10,000 costs the same as at step 10, and a step trains the
 same rows for any split of S into ranks x micro-batches x accumulation.
@@ -23,6 +23,7 @@ class BatchPlan:
     world_size: int
     seed: int
     row_lengths: np.ndarray | None = None  # set to group rows of similar length
+    group_steps: int = 8  # steps' worth of rows sorted together when grouping by length
 
     @property
     def rows_per_step(self) -> int:
@@ -43,8 +44,9 @@ class BatchPlan:
         used = self.steps_per_epoch * self.rows_per_step
         if self.row_lengths is None:
             return order[:used].reshape(self.steps_per_epoch, self.rows_per_step)
-        # Length grouping: sort chunks of 50 steps by length (less padding), then shuffle steps.
-        chunk = 50 * self.rows_per_step
+        # Length grouping: sort chunks of group_steps steps by length (less padding), then shuffle
+        # the steps. Larger chunks pad less but make each step's rows more alike (see config.py).
+        chunk = self.group_steps * self.rows_per_step
         parts = [order[i:i + chunk] for i in range(0, len(order), chunk)]
         grouped = np.concatenate([p[np.argsort(-self.row_lengths[p], kind="stable")] for p in parts])
         steps = grouped[:used].reshape(self.steps_per_epoch, self.rows_per_step)

@@ -99,7 +99,8 @@ class Trainer:
         else:
             lengths = self.data.train.row_lengths() if cfg.trainer.group_by_length and not cfg.data.packing else None
             self.plan = BatchPlan(len(self.data.train), cfg.trainer.micro_batch_size,
-                                  cfg.trainer.grad_accum, acc.num_processes, cfg.seed, lengths)
+                                  cfg.trainer.grad_accum, acc.num_processes, cfg.seed, lengths,
+                                  cfg.trainer.length_group_steps)
         if self.plan.steps_per_epoch == 0:
             from finetune.errors import ConfigError
 

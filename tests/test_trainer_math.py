@@ -1,6 +1,7 @@
 """Loss maths of the loop: accumulation equals one big batch; schedules; weight-decay groups."""
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,31 @@ def test_batch_plan_same_rows_per_step_for_any_split():
         assert rows_a == rows_b
     assert not (set(a.epoch_order(0).ravel()) ^ set(b.epoch_order(0).ravel()))
     assert (a.epoch_order(0) != a.epoch_order(1)).any()  # a new order every epoch
+
+
+def test_length_grouping_window_trades_padding_for_mixing():
+    """``group_steps`` steps' rows are sorted together: 1 keeps each step's random rows (only the
+    order inside a step changes), wider windows pad less, and every row is still used once."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 90, 16 * 400)
+    plain = BatchPlan(len(lengths), 16, 1, 1, seed=5)
+
+    def plan(k):
+        return BatchPlan(len(lengths), 16, 1, 1, seed=5, row_lengths=lengths, group_steps=k)
+
+    def padded_tokens(p):
+        order = p.epoch_order(0)
+        return int((lengths[order].max(axis=1) * order.shape[1]).sum())
+
+    same_steps = {frozenset(s) for s in plain.epoch_order(0).tolist()}
+    assert {frozenset(s) for s in plan(1).epoch_order(0).tolist()} == same_steps
+    padded = [padded_tokens(p) for p in (plain, plan(2), plan(8), plan(50))]
+    assert padded == sorted(padded, reverse=True) and padded[2] < 0.7 * padded[0]
+    for k in (2, 8, 50):
+        order = plan(k).epoch_order(0)
+        assert sorted(order.ravel().tolist()) == list(range(len(lengths)))
+        # A window of k steps holds k steps' rows: a step never mixes rows of two windows.
+        # A step never mixes rows of two windows (the epoch's permutation cut into k-step windows).
+        window = np.empty(len(lengths), int)
+        window[np.random.default_rng([5, 0]).permutation(len(lengths))] = np.arange(len(lengths)) // (k * 16)
+        assert all(len(set(window[step])) == 1 for step in order)
