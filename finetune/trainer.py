@@ -65,8 +65,7 @@ class Trainer:
         self.uploader = HubUploader(cfg.hub, self.run_dir)
         self.tokenizer = load_tokenizer(cfg)
         self._setup_data()
-        if self.is_main:  # kept / truncated / dropped / skipped counts, packing, cache hit
-            (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=1))
+        self._write_data_stats()
         self._setup_model()
         self.resume_dir = ckpt.find_resume_dir(cfg.resume, self.run_dir)
         if self.resume_dir is not None:
@@ -372,6 +371,7 @@ class Trainer:
             keep = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
             self.writer.prune(self.cfg.trainer.keep_last, keep)
             log.info("checkpoint (%s): %s", reason, final)
+            self._write_data_stats()
             event = "best" if reason == "best" else "checkpoint"
             if self.uploader.wants(event):  # background upload; training does not wait
                 self.uploader.submit(final, f"{reason} checkpoint at step {self.step}",
@@ -381,11 +381,24 @@ class Trainer:
         return final
 
     # -------------------------------------------------------------- outputs
+    def _write_data_stats(self) -> None:
+        """``data_stats.json``: kept / truncated / dropped / skipped counts, packing, cache hit.
+
+        A stream's train counts grow as it is read (every rank reads the whole stream, so rank 0's
+        are the run's): they are rewritten at every checkpoint and at the end of training."""
+        if not self.is_main:
+            return
+        stats = dict(self.data.stats)
+        if self.cfg.data.streaming:
+            stats["train"] = self.data.train.report()
+        (self.run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+
     def _finish_training(self) -> None:
         eval_row = self._evaluate_and_track()
         self.final_eval = eval_row
         self.acc.wait_for_everyone()
         final_dir = write_final(self)  # every rank: sharded weights are gathered collectively
+        self._write_data_stats()
         if self.is_main:
             summary = write_summary(self, final_dir)
             self.metrics.close(summary)

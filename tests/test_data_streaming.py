@@ -176,6 +176,12 @@ def test_trainer_resumes_a_stream_exactly(tmp_path):
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     assert losses("resumed") == {s: v for s, v in losses("full").items() if s > 2}
+    # data_stats.json holds the stream's counts at the end, not the zeros of the start:
+    # 4 steps x 4 rows were emitted, from records the stream read (held-out eval ones excluded).
+    train = json.loads((tmp_path / "full" / "data_stats.json").read_text())["train"]
+    assert train["streaming"] and train["rows_emitted"] == 16
+    assert 0 < train["kept"] <= train["read"] <= 300 - 8 and train["tokens"] > 0
+    assert 0.5 < train["packing_efficiency"] <= 1
 
 
 def test_classification_stream_needs_label_names(tmp_path):
