@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from finetune import builtin
+from finetune import attention, builtin
 from finetune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ def build_base_model(cfg: DictConfig, tokenizer, *, num_labels: int | None = Non
         if label_names:
             label_kwargs["id2label"] = dict(enumerate(label_names))
             label_kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    attn = cfg.model.attn_implementation
+    # sdpa + packing: each packed example attends alone on CPU (finetune/attention.py).
+    attn = attention.implementation(cfg.model.attn_implementation,
+                                    bool(cfg.data.packing) and not classify)
     if name in ("tiny-llama", "tiny-bert"):
         if name == "tiny-llama":
             config = builtin.tiny_llama_config(len(tokenizer), tokenizer.pad_token_id,

@@ -8,6 +8,7 @@ import torch
 from data_helpers import alpaca_rows, make_cfg, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from finetune import attention
 from finetune.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 from finetune.data.packing import Collator, TokenRows, pack_examples
@@ -55,7 +56,11 @@ def test_packing_efficiency_is_reported_in_the_stats(tmp_path):
     assert pack["packing_efficiency"] > 0.95
 
 
+ATTNS = ["eager", "sdpa", "packed"]  # packed: finetune/attention.py (sdpa + data.packing on CPU)
+
+
 def _tiny_llama(attn: str) -> LlamaForCausalLM:
+    attn = attention.register() if attn == "packed" else attn
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -78,7 +83,7 @@ def _alone(model, ids: np.ndarray) -> torch.Tensor:
     return model(input_ids=x, use_cache=False).logits[0]
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTNS)
 def test_packed_logits_equal_each_example_alone(attn):
     model, enc = _tiny_llama(attn), _examples()
     rows = TokenRows(enc, [[0, 1, 2, 3]])
@@ -95,7 +100,7 @@ def test_packed_logits_equal_each_example_alone(attn):
             start += len(ids)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTNS)
 def test_an_attention_mask_on_a_packed_row_leaks_across_examples(attn):
     """The trap the packed path avoids: with a mask of ones, later examples see earlier ones."""
     model, enc = _tiny_llama(attn), _examples()
@@ -108,7 +113,7 @@ def test_an_attention_mask_on_a_packed_row_leaks_across_examples(attn):
     assert diff > 1e-3
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTNS)
 def test_loss_per_target_token_is_identical_packed_and_unpacked(attn):
     model, enc = _tiny_llama(attn), _examples()
     packed = Collator(pad_id=0, packed=True)([TokenRows(enc, [[0, 1], [2, 3]])[r] for r in range(2)])
@@ -125,3 +130,30 @@ def test_loss_per_target_token_is_identical_packed_and_unpacked(attn):
     assert int((shifted_targets(packed["labels"]) != IGNORE).sum()) == targets
     assert abs(loss_packed.item() / targets - loss_unpacked.item() / targets) < 1e-5
     assert abs(loss_packed.item() / targets - per_example.item() / targets) < 1e-5
+
+
+def test_packed_attention_takes_the_per_example_path_with_sdpa_gradients(monkeypatch):
+    """The per-example path is taken for a packed batch and gives sdpa's loss and gradients;
+    padded (unpacked) batches fall back to sdpa itself."""
+    enc = _examples()
+    packed = Collator(pad_id=0, packed=True, pad_to=24)([TokenRows(enc, [[0, 2], [1]])[r] for r in range(2)])
+    taken = []
+    real = attention._segment_lengths
+    monkeypatch.setattr(attention, "_segment_lengths", lambda *a: taken.append(real(*a)) or taken[-1])
+    grads = {}
+    for attn in ("sdpa", "packed"):
+        model = _tiny_llama(attn).train()
+        loss = causal_lm_loss_sum(model, packed)
+        loss.backward()
+        grads[attn] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert taken and all(t == [[9, 6, 9], [14, 10]] for t in taken)  # 2 layers x forward
+    assert abs(grads["sdpa"][0] - grads["packed"][0]) < 1e-5
+    for name, g in grads["sdpa"][1].items():
+        assert (g - grads["packed"][1][name]).abs().max().item() < 1e-5, name
+    taken.clear()
+    rows = TokenRows(enc)
+    padded = Collator(pad_id=0, packed=False)([rows[i] for i in range(len(enc))])
+    with torch.no_grad():
+        a = causal_lm_loss_sum(_tiny_llama("sdpa"), padded)
+        b = causal_lm_loss_sum(_tiny_llama("packed"), padded)
+    assert taken and all(t is None for t in taken) and a.item() == b.item()
