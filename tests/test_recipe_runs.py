@@ -81,7 +81,9 @@ def test_classifier_run_learns_and_reloads(tmp_path):
     from peft import AutoPeftModelForSequenceClassification
 
     run_dir = tmp_path / "cls"
-    trainer = build_trainer(["recipe=lora-classifier", "trainer.max_steps=60", "trainer.eval_steps=0"], run_dir)
+    # The recipe's own 150 steps (~3 s): at 60 the random-init tiny BERT is still mid-way down its
+    # loss curve and the accuracy there swings with the seed and row order (0.65-1.0).
+    trainer = build_trainer(["recipe=lora-classifier", "trainer.eval_steps=0"], run_dir)
     assert trainer.train() == 0
     train, evals = assert_run_dir_contract(run_dir)
     assert train[-1]["loss"] < 0.7 * train[0]["loss"]
