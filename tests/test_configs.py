@@ -1,6 +1,5 @@
 """Every shipped YAML composes and validates, so no config can rot."""
 
-
 import pytest
 
 from run_helpers import CONF, REPO, compose

@@ -1,6 +1,5 @@
 """Loss maths of the loop: accumulation equals one big batch; schedules; weight-decay groups."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -114,7 +113,6 @@ def test_length_grouping_window_trades_padding_for_mixing():
     for k in (2, 8, 50):
         order = plan(k).epoch_order(0)
         assert sorted(order.ravel().tolist()) == list(range(len(lengths)))
-        # A window of k steps holds k steps' rows: a step never mixes rows of two windows.
         # A step never mixes rows of two windows (the epoch's permutation cut into k-step windows).
         window = np.empty(len(lengths), int)
         window[np.random.default_rng([5, 0]).permutation(len(lengths))] = np.arange(len(lengths)) // (k * 16)
