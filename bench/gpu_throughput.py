@@ -1,12 +1,14 @@
 """LoRA and full fine-tune throughput of finetune on one GPU: tokens/s and MFU.
 
-A Llama-shaped model of ~0.55B parameters (hidden 1536, 20 layers, 12 heads / 4 KV heads, MLP
-4096, vocab 32000, tied embeddings) with random weights is saved with ``save_pretrained`` next to a
-character-level tokenizer built in code (no network, no Hub); a synthetic prompt/completion set
-(lengths 64-1,536 tokens, half prompt) is written as jsonl. Each mode runs the public entry
-``python -m finetune`` in a fresh process: bf16 weights (model.dtype=auto on a bf16 GPU), packing
-into rows of --seq-len tokens (position ids, no mask: varlen attention), attention
-flash_attention_2 when flash_attn imports, else sdpa.
+A Llama-shaped model with random weights (``--shape``: 1b = TinyLlama-1.1B's shape, hidden 2048,
+22 layers, 32 heads / 4 KV heads, MLP 5632, vocab 32000; 0.5b = hidden 1536, 20 layers, 12/4
+heads, MLP 4096, tied embeddings) is saved with ``save_pretrained`` next to a character-level
+tokenizer built in code (no network, no Hub); a synthetic prompt/completion set (lengths 64 to
+seq_len/3 tokens, half prompt) is written as jsonl. Each (mode, attention) pair runs the public
+entry ``python -m finetune`` in a fresh process: bf16 weights (model.dtype=auto on a bf16 GPU),
+packing into rows of --seq-len tokens (position ids, no mask). ``--attn`` lists the attention
+implementations to compare: sdpa (with packing: finetune's varlen flash path, finetune/attention.py),
+flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
 
 Figures (after the warm-up window, from finetune's metrics.jsonl):
 - tokens/s: non-padding tokens per second (finetune's ``tokens_per_s``);
@@ -16,7 +18,8 @@ Figures (after the warm-up window, from finetune's metrics.jsonl):
   example of n tokens (QK^T and AV, causal half, forward + backward), and the peak is MEASURED:
   the best of a few large bf16 matmuls on this card (fp32 on CPU).
 
-    python bench/gpu_throughput.py                       # on a GPU: LoRA then full, ~3-5 min
+    python bench/gpu_throughput.py                       # on a GPU: full then LoRA, 1b, sdpa, ~2-3 min
+    python bench/gpu_throughput.py --attn sdpa,flex_attention --modes full
     python bench/gpu_throughput.py --device cpu --tiny   # CPU smoke test of the same path (~1 min)
 """
 
@@ -35,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_machine, read_jsonl, run_child, table  # noqa: E402
 
 SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=12,
                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -65,7 +70,7 @@ def measured_peak_flops(device: str) -> tuple[float, str]:
     return best, f"{'bf16' if device == 'cuda' else 'fp32'} {n}x{n} matmul"
 
 
-def save_model(shape: str, out: Path) -> int:
+def save_model(shape: str, out: Path, device: str) -> int:
     """Random-weight Llama + a character tokenizer built in code; returns the parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,7 +81,7 @@ def save_model(shape: str, out: Path) -> int:
     cfg = LlamaConfig(max_position_embeddings=8192, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=None, **SHAPES[shape])
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device(device):  # random init of 1B weights: seconds on a GPU, a minute on CPU
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out)
@@ -106,11 +111,11 @@ def attention_flops_per_token(data_dir: Path, layers: int, hidden: int) -> float
     return float(6 * 2 * (lengths ** 2).sum() * hidden * layers / lengths.sum())
 
 
-def finetune_cmd(mode: str, model_dir: Path, data: Path, out: Path, a) -> list[str]:
+def finetune_cmd(mode: str, attn: str, model_dir: Path, data: Path, out: Path, a) -> list[str]:
     recipe = ["recipe=lora-llm", "peft.r=16", "peft.alpha=32", "peft.dropout=0.0", "optim.lr=2e-4"] \
         if mode == "lora" else ["recipe=full-llm", "optim.lr=1e-5"]
     return [sys.executable, "-m", "finetune", *recipe, "model=smollm2-135m",
-            f"model.name_or_path={model_dir}", f"model.attn_implementation={a.attn}",
+            f"model.name_or_path={model_dir}", f"model.attn_implementation={attn}",
             f"model.gradient_checkpointing={'true' if a.grad_ckpt else 'false'}",
             f"data.path={data}", "data.format=prompt_completion", "data.eval_size=0", "data.eval_split=null",
             f"data.max_seq_len={a.seq_len}", "data.packing=true", f"data.cache_dir={data.parent / 'cache'}",
@@ -124,8 +129,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny model, short rows, few steps (smoke test)")
-    p.add_argument("--modes", default="lora,full")
-    p.add_argument("--attn", default=None, help="sdpa | flash_attention_2 (default: flash when installed)")
+    p.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="1b")
+    p.add_argument("--modes", default="full,lora")
+    p.add_argument("--attn", default="sdpa",
+                   help="comma list of sdpa | flash_attention_2 | flex_attention, each run per mode")
+    p.add_argument("--rows", type=int, default=None, help="synthetic examples (default 2000; tiny 400)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--mb", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -141,14 +149,7 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --device cpu --tiny for the CPU smoke test")
-    if a.attn is None:
-        try:
-            import flash_attn  # noqa: F401
-
-            a.attn = "flash_attention_2" if a.device == "cuda" else "sdpa"
-        except ImportError:
-            a.attn = "sdpa"
-    shape = "tiny" if a.tiny else "0.5b"
+    shape = "tiny" if a.tiny else a.shape
     defaults = dict(seq_len=256, mb=2, steps=6, warmup=2) if a.tiny else dict(seq_len=4096, mb=2, steps=50, warmup=10)
     for k, v in defaults.items():
         if getattr(a, k) is None:
@@ -165,20 +166,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / f"model-{shape}", work / "synthetic.jsonl"
     t0 = time.perf_counter()
-    n_params = save_model(shape, model_dir)
-    synthetic_data(data, 400 if a.tiny else 6000, a.seq_len // (1 if a.tiny else 3))
+    n_params = save_model(shape, model_dir, a.device)
+    synthetic_data(data, a.rows or (400 if a.tiny else 2000), a.seq_len // (1 if a.tiny else 3))
     print(f"# model {n_params / 1e6:.1f}M parameters saved in {time.perf_counter() - t0:.0f}s", flush=True)
     cfg = SHAPES[shape]
     rows = []
     attn_per_tok = None
-    for mode in a.modes.split(","):
-        out = work / f"run-{mode}"
+    failed = []
+    for mode, attn in [(m_, at) for m_ in a.modes.split(",") for at in a.attn.split(",")]:
+        out = work / f"run-{mode}-{attn}"
         shutil.rmtree(out, ignore_errors=True)
-        log = work / f"log-{mode}.txt"
-        code, wall, rss = run_child(finetune_cmd(mode, model_dir, data, out, a), env=env, log=log)
-        if code:
-            print(log.read_text()[-3000:])
-            raise SystemExit(f"{mode} run failed ({code}); log {log}")
+        log = work / f"log-{mode}-{attn}.txt"
+        code, wall, rss = run_child(finetune_cmd(mode, attn, model_dir, data, out, a), env=env, log=log)
+        if code:  # report it and go on: one attention failing must not hide the others' figures
+            print(log.read_text()[-2000:])
+            print(f"  {mode}/{attn}: FAILED (exit {code}); log {log}", flush=True)
+            failed.append(f"{mode}/{attn}")
+            continue
         if attn_per_tok is None:
             attn_per_tok = attention_flops_per_token(data.parent / "cache", cfg["num_hidden_layers"],
                                                      cfg["hidden_size"])
@@ -193,16 +197,20 @@ def main() -> None:
         tok_s = tokens / seconds
         mfu = (6 * n_params + attn_per_tok) * tok_s / peak
         last = train[-1]
-        rows.append({"mode": mode, "tok_s": tok_s, "step_s": seconds / (a.steps - a.warmup), "mfu": mfu,
-                     "mem": last.get("cuda_allocated_mib"), "rss": rss, "wall": wall,
-                     "loss": f"{train[0]['loss']:.3f}->{last['loss']:.3f}"})
-        print(f"  {mode}: {tok_s:,.0f} tok/s, MFU {mfu:.1%}", flush=True)
+        rows.append({"mode": mode, "attn": attn, "tok_s": tok_s, "step_s": seconds / (a.steps - a.warmup),
+                     "mfu": mfu, "mem": last.get("cuda_allocated_mib"),
+                     "rss": rss, "wall": wall, "loss": f"{train[0]['loss']:.3f}->{last['loss']:.3f}"})
+        print(f"  {mode}/{attn}: {tok_s:,.0f} tok/s, MFU {mfu:.1%}", flush=True)
+    if not rows:
+        raise SystemExit(f"every run failed: {', '.join(failed)}")
     print()
-    print(table(rows, [("mode", "mode", ""), ("tok_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"),
+    print(table(rows, [("mode", "mode", ""), ("attn", "attention", ""), ("tok_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"),
                        ("mfu", "MFU", ".1%"), ("mem", "peak CUDA alloc MiB", ",.0f"),
                        ("rss", "peak RSS MiB", ",.0f"), ("wall", "process s", ".0f"), ("loss", "loss", "")]))
     print(f"# N = {n_params / 1e6:.1f}M, attention {attn_per_tok / 1e6:.1f} MFLOP/token, peak "
           f"{peak / 1e12:.3g} TFLOP/s measured; commit {m['commit']}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights as loaded)
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention
     load_in_4bit: bool = False  # QLoRA base (bitsandbytes, CUDA only)
     gradient_checkpointing: bool = False
     num_labels: Optional[int] = None  # classification; inferred from the data when unset
@@ -223,7 +223,7 @@ class RunConfig:
 CHOICES = {
     "model.task": ("causal-lm", "sequence-classification"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "data.format": ("alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification"),
     "data.overlong": ("truncate", "drop"),
     "data.on_bad_example": ("error", "skip"),

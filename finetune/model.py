@@ -100,6 +100,9 @@ def build_base_model(cfg: DictConfig, tokenizer, *, num_labels: int | None = Non
 
     name = builtin.builtin_name(cfg.model.name_or_path)
     classify = cfg.model.task == "sequence-classification"
+    if cfg.model.attn_implementation == "flex_attention" and not meta and not torch.cuda.is_available():
+        raise ConfigError("model.attn_implementation=flex_attention needs a CUDA GPU (torch's flex "
+                          "attention has no backward on CPU): use model.attn_implementation=sdpa")
     auto_cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     label_kwargs = {}
     if classify:
@@ -109,7 +112,8 @@ def build_base_model(cfg: DictConfig, tokenizer, *, num_labels: int | None = Non
         if label_names:
             label_kwargs["id2label"] = dict(enumerate(label_names))
             label_kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    # sdpa + packing: each packed example attends alone on CPU (finetune/attention.py).
+    # sdpa + packing: each packed example attends alone (CPU: sdpa per example, GPU: varlen flash;
+    # finetune/attention.py).
     attn = attention.implementation(cfg.model.attn_implementation,
                                     bool(cfg.data.packing) and not classify)
     if name in ("tiny-llama", "tiny-bert"):

@@ -63,3 +63,10 @@ def test_hub_model_offline_names_the_offline_option(tmp_path):
 def test_qlora_on_cpu_fails_early_with_a_clear_message(tmp_path):
     proc = run_cli(["recipe=qlora-llm", f"output_dir={tmp_path / 'run'}"], timeout=300)
     assert_one_line_error(proc, "load_in_4bit", "CUDA")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_flex_attention_on_cpu_fails_early_with_a_clear_message(tmp_path):
+    proc = run_cli(["recipe=lora-llm", "model.attn_implementation=flex_attention",
+                    f"output_dir={tmp_path / 'run'}"], timeout=300)
+    assert_one_line_error(proc, "flex_attention", "CUDA", "model.attn_implementation=sdpa")

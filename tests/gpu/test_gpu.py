@@ -1,4 +1,4 @@
-"""GPU checks (skipped without CUDA): bf16 training, sdpa/flash packing equivalence, QLoRA 4-bit load.
+"""GPU checks (skipped without CUDA): bf16 training, packed attention (sdpa, torch varlen, flash), QLoRA 4-bit.
 
 Run by bench/gpu.sh on a GPU machine: ``pytest tests/gpu``. Tiny models built in code; no network.
 """
@@ -91,6 +91,38 @@ def test_packed_sdpa_matches_unpacked_and_flash():
     flash = tiny_llama("flash_attention_2")
     flash.load_state_dict(sdpa.state_dict())
     assert abs(float(causal_lm_loss_sum(flash, batch)) - packed) <= 1e-2 * abs(packed)
+
+
+def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch):
+    """sdpa + packing on GPU runs torch's varlen flash kernel (finetune/attention.py): same loss and
+    gradients as transformers' sdpa over the block-diagonal mask, both measured against fp32."""
+    from finetune import attention
+    from finetune.loss import causal_lm_loss_sum
+
+    if attention._varlen_kernel(torch.cuda.current_device()) is None:
+        pytest.skip("this torch or GPU has no torch.nn.attention.varlen flash kernel")
+    _, batch = packed_batch()
+    calls = []
+    real = attention._varlen_attention
+    monkeypatch.setattr(attention, "_varlen_attention", lambda *a: calls.append(a[3]) or real(*a))
+
+    def loss_and_grads(attn, dtype):
+        model = tiny_llama(attn, dtype=dtype).train()
+        loss = causal_lm_loss_sum(model, batch)
+        loss.backward()
+        return float(loss), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    ref_loss, ref = loss_and_grads("sdpa", torch.float32)
+    sdpa_loss, sdpa = loss_and_grads("sdpa", torch.bfloat16)
+    assert not calls
+    fast_loss, fast = loss_and_grads(attention.register(), torch.bfloat16)
+    assert calls and all(sum(map(sum, c)) == batch["input_ids"].numel() and len(c) == len(batch["input_ids"])
+                         for c in calls), calls  # every layer, every token, one entry per row
+    assert abs(fast_loss - ref_loss) <= 1e-2 * abs(ref_loss)
+    for name, g in ref.items():
+        err_fast = float((fast[name] - g).norm() / g.norm().clamp_min(1e-12))
+        err_sdpa = float((sdpa[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err_fast <= max(2 * err_sdpa, 2e-2), f"{name}: varlen {err_fast:.2e} vs sdpa {err_sdpa:.2e}"
 
 
 def test_qlora_4bit_load_and_train(tmp_path):
