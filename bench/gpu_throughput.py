@@ -8,7 +8,8 @@ seq_len/3 tokens, half prompt) is written as jsonl. Each (mode, attention) pair 
 entry ``python -m finetune`` in a fresh process: bf16 weights (model.dtype=auto on a bf16 GPU),
 packing into rows of --seq-len tokens (position ids, no mask). ``--attn`` lists the attention
 implementations to compare: sdpa (with packing: finetune's varlen flash path, finetune/attention.py),
-flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
+sdpa-masked (bench only, the A/B baseline: transformers' sdpa over the block-diagonal mask, as before
+that path), flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
 
 Figures (after the warm-up window, from finetune's metrics.jsonl):
 - tokens/s: non-padding tokens per second (finetune's ``tokens_per_s``);
@@ -106,15 +107,23 @@ def attention_flops_per_token(data_dir: Path, layers: int, hidden: int) -> float
     """Training attention FLOPs per token of the packed data: sum_n 6 * 2 * n^2 * hidden * layers / tokens."""
     import numpy as np
 
-    (npz,) = list(data_dir.glob("data/*/train.npz"))
+    npz = max(data_dir.glob("data/*/train.npz"), key=lambda f: f.stat().st_mtime)  # this run's cache
     lengths = np.diff(np.load(npz)["offsets"]).astype(np.float64)
     return float(6 * 2 * (lengths ** 2).sum() * hidden * layers / lengths.sum())
 
 
+# The A/B baseline for finetune's packed attention: the same entry with it switched off in-process.
+MASKED_SDPA = ("import runpy, finetune.attention as a; "
+               "a.implementation = lambda attn, packing: attn; "
+               "runpy.run_module('finetune', run_name='__main__', alter_sys=True)")
+
+
 def finetune_cmd(mode: str, attn: str, model_dir: Path, data: Path, out: Path, a) -> list[str]:
+    entry = ["-c", MASKED_SDPA] if attn == "sdpa-masked" else ["-m", "finetune"]
+    attn = "sdpa" if attn == "sdpa-masked" else attn
     recipe = ["recipe=lora-llm", "peft.r=16", "peft.alpha=32", "peft.dropout=0.0", "optim.lr=2e-4"] \
         if mode == "lora" else ["recipe=full-llm", "optim.lr=1e-5"]
-    return [sys.executable, "-m", "finetune", *recipe, "model=smollm2-135m",
+    return [sys.executable, *entry, *recipe, "model=smollm2-135m",
             f"model.name_or_path={model_dir}", f"model.attn_implementation={attn}",
             f"model.gradient_checkpointing={'true' if a.grad_ckpt else 'false'}",
             f"data.path={data}", "data.format=prompt_completion", "data.eval_size=0", "data.eval_split=null",
@@ -132,7 +141,7 @@ def main() -> None:
     p.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="1b")
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--attn", default="sdpa",
-                   help="comma list of sdpa | flash_attention_2 | flex_attention, each run per mode")
+                   help="comma list of sdpa | sdpa-masked | flash_attention_2 | flex_attention, each run per mode")
     p.add_argument("--rows", type=int, default=None, help="synthetic examples (default 2000; tiny 400)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--mb", type=int, default=None)
@@ -166,7 +175,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / f"model-{shape}", work / "synthetic.jsonl"
     t0 = time.perf_counter()
-    n_params = save_model(shape, model_dir, a.device)
+    n_params = save_model(shape, model_dir, a.device)  # rewritten each time: same seed, same weights
     synthetic_data(data, a.rows or (400 if a.tiny else 2000), a.seq_len // (1 if a.tiny else 3))
     print(f"# model {n_params / 1e6:.1f}M parameters saved in {time.perf_counter() - t0:.0f}s", flush=True)
     cfg = SHAPES[shape]
@@ -197,6 +206,8 @@ def main() -> None:
         tok_s = tokens / seconds
         mfu = (6 * n_params + attn_per_tok) * tok_s / peak
         last = train[-1]
+        if "attention: finetune_sdpa_packed" in log.read_text():
+            attn += " (finetune packed)"  # the child logged that it built the model with it
         rows.append({"mode": mode, "attn": attn, "tok_s": tok_s, "step_s": seconds / (a.steps - a.warmup),
                      "mfu": mfu, "mem": last.get("cuda_allocated_mib"),
                      "rss": rss, "wall": wall, "loss": f"{train[0]['loss']:.3f}->{last['loss']:.3f}"})

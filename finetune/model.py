@@ -116,6 +116,8 @@ def build_base_model(cfg: DictConfig, tokenizer, *, num_labels: int | None = Non
     # finetune/attention.py).
     attn = attention.implementation(cfg.model.attn_implementation,
                                     bool(cfg.data.packing) and not classify)
+    if attn != cfg.model.attn_implementation and not meta:
+        log.info("attention: %s (packed rows: each example attends alone; finetune/attention.py)", attn)
     if name in ("tiny-llama", "tiny-bert"):
         if name == "tiny-llama":
             config = builtin.tiny_llama_config(len(tokenizer), tokenizer.pad_token_id,

@@ -110,7 +110,7 @@ def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch)
         model = tiny_llama(attn, dtype=dtype).train()
         loss = causal_lm_loss_sum(model, batch)
         loss.backward()
-        return float(loss), {n: p.grad.float() for n, p in model.named_parameters()}
+        return float(loss.detach()), {n: p.grad.float() for n, p in model.named_parameters()}
 
     ref_loss, ref = loss_and_grads("sdpa", torch.float32)
     sdpa_loss, sdpa = loss_and_grads("sdpa", torch.bfloat16)
