@@ -6,8 +6,9 @@ makes N micro-batches x accumulation equal to one big batch, with uneven lengths
 
 The causal-LM path asks the model for logits only at positions that have a target
 (``logits_to_keep`` as a boolean mask): prompt tokens (label -100) need no LM-head projection
-and no cross-entropy, the largest single cost with a big vocabulary. The loss is the same as
-the full-logits path (tested).
+and no cross-entropy, the largest single cost with a big vocabulary. Where the architecture
+allows (finetune/linear_cross_entropy.py), the head and the cross-entropy then run in chunks that
+keep no logits. The loss is the same as the full-logits path (tested).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.tokenize import IGNORE
+from finetune.linear_cross_entropy import head_passes_hidden_states, linear_cross_entropy_sum, plain_lm_head
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -28,9 +30,14 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
+def causal_lm_loss_sum(model, batch: dict, chunked: bool = True) -> torch.Tensor:
     targets = shifted_targets(batch["labels"])
     keep = targets != IGNORE
+    head = plain_lm_head(model) if chunked else None
+    if head is not None:
+        with head_passes_hidden_states(head):
+            hidden = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
+        return linear_cross_entropy_sum(hidden, head.weight, targets[keep])
     out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
     logits = out.logits  # (num_targets, vocab): flattened by the boolean mask
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")

@@ -1,10 +1,11 @@
 """The label-only logits path equals the full-logits reference, in loss and in gradients.
 
 ``causal_lm_loss_sum`` asks the model for logits only where a target exists (boolean
-``logits_to_keep``); ``causal_lm_loss_sum_full`` projects every position. Both must give the same
-summed loss and the same gradients, for padded (attention mask) and packed (position ids, no
-mask) batches, with eager and sdpa attention. A tiny Llama built in code; float64 so that 1e-5
-measures the paths, not float32 rounding.
+``logits_to_keep``) and, for a plain LM head, runs head + cross-entropy in chunks that keep no
+logits (finetune/linear_cross_entropy.py); ``causal_lm_loss_sum_full`` projects every position.
+All must give the same summed loss and the same gradients, for padded (attention mask) and packed
+(position ids, no mask) batches, with eager and sdpa attention, trained and frozen heads. A tiny
+Llama built in code; float64 so that 1e-5 measures the paths, not float32 rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 from finetune.data.packing import Collator, TokenRows, pack_examples
 from finetune.data.tokenize import IGNORE, Encoded
+from finetune import linear_cross_entropy
+from finetune.linear_cross_entropy import linear_cross_entropy_sum, plain_lm_head
 from finetune.loss import causal_lm_loss_sum, causal_lm_loss_sum_full
 
 VOCAB = 97
@@ -66,8 +69,10 @@ def loss_and_grads(model, fn, b: dict):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_label_only_logits_match_full_logits(attn, packed):
+def test_label_only_logits_match_full_logits(attn, packed, monkeypatch):
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 7 * VOCAB)  # 7 targets a chunk
     model, b = tiny_llama(attn), batch(packed)
+    assert plain_lm_head(model) is model.lm_head  # the chunked head + loss is what is compared
     fast_loss, fast_grads = loss_and_grads(model, causal_lm_loss_sum, b)
     ref_loss, ref_grads = loss_and_grads(model, causal_lm_loss_sum_full, b)
     assert torch.isfinite(ref_loss) and ref_loss > 0
@@ -88,3 +93,57 @@ def test_packed_loss_equals_examples_one_by_one(attn):
                 for i in range(len(enc)))
     packed = float(causal_lm_loss_sum(model, batch(packed=True)))
     assert abs(packed - alone) <= 1e-5 * abs(alone)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, None])
+@pytest.mark.parametrize("train_head", [True, False], ids=["head-trains", "head-frozen"])
+def test_chunked_head_and_loss_equal_plain_cross_entropy(chunk, train_head):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(23, 16, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(VOCAB, 16, generator=g, dtype=torch.float64).requires_grad_(train_head)
+    targets = torch.randint(0, VOCAB, (23,), generator=g)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets,
+                                            reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.37, [hidden, weight] if train_head else [hidden])
+    got = linear_cross_entropy_sum(hidden, weight, targets, chunk)
+    got_grads = torch.autograd.grad(got * 0.37, [hidden, weight] if train_head else [hidden])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # eval: loss only
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, targets, chunk), ref.detach())
+
+
+def test_lora_model_with_tied_head_takes_the_chunked_path_with_equal_gradients(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+    base = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float64)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).train()
+    assert plain_lm_head(model) is base.lm_head and not base.lm_head.weight.requires_grad
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 3 * VOCAB)
+    b = batch(packed=True)
+    fast_loss, fast = loss_and_grads(model, causal_lm_loss_sum, b)
+    ref_loss, ref = loss_and_grads(model, lambda m, x: causal_lm_loss_sum(m, x, chunked=False), b)
+    assert fast.keys() == ref.keys() and all("lora_" in n for n in ref)
+    # the plain path's cross-entropy runs in float32 (.float()), the chunked one in float64
+    assert abs(float(fast_loss - ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    for name, g in ref.items():
+        torch.testing.assert_close(fast[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert base.lm_head.forward.__func__ is torch.nn.Linear.forward  # the stand-in was removed
+
+
+def test_heads_it_cannot_stand_in_for_take_the_plain_path():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama("sdpa")
+    model.config.model_type = "granite"  # divides the logits after the head
+    assert plain_lm_head(model) is None
+    model = tiny_llama("sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert plain_lm_head(model) is None  # an adapter on the head

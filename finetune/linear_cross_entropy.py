@@ -1,0 +1,106 @@
+"""LM head + cross-entropy in chunks, without keeping the logits.
+
+The plain path keeps, per step, the ``(targets, vocab)`` logits, cross-entropy's saved
+log-probabilities and, in backward, their gradient: three float32 matrices of 221 MB each for
+1,100 targets x 50k vocabulary, more than any other activation of a small model. Here the loss
+is computed ``chunk`` targets at a time, and each chunk's gradient with respect to the hidden states
+(and the head's weight, when it trains) is computed right away from ``softmax - onehot``; only
+those gradients are kept. Same FLOPs as forward + backward of the plain path, no recomputation;
+same loss and gradients up to float rounding (tests/test_loss_paths.py).
+
+Used by :func:`finetune.loss.causal_lm_loss_sum` when :func:`plain_lm_head` finds a head it can
+stand in for; anything else takes the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+# Architectures whose causal-LM forward is exactly ``logits = lm_head(hidden[kept])`` (no logit
+# scaling or soft-capping after the head: granite, cohere and gemma2 have one and are left out).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3", "olmo2"})
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in float32 (333 targets at a 50k vocabulary)
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16/fp32 -> fp32, fp64 stays
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logprobs = torch.log_softmax(F.linear(h, weight).to(acc), dim=-1)
+            total -= logprobs.gather(1, t[:, None]).sum()
+            if need_h or need_w:
+                grad = logprobs.exp_()  # softmax, in place
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                if need_h:
+                    grad_h[start:start + chunk] = grad.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w.addmm_(grad.t(), h.to(acc))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")`` in chunks
+    (float64 stays float64).
+
+    hidden ``(n, h)``, weight ``(vocab, h)``, targets ``(n,)``, every one a real class (no -100).
+    """
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk)
+
+
+def plain_lm_head(model) -> torch.nn.Linear | None:
+    """The model's LM head where the chunked loss can stand in for it, else None.
+
+    Needs: a listed architecture, a bias-free ``nn.Linear`` head that no adapter wraps, and a
+    weight that is a whole local tensor (not sharded by FSDP / ZeRO-3). Wrappers that only forward
+    (DDP, PEFT) are looked through.
+    """
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or "forward" in vars(head):
+        return None  # a subclass, a bias, or a forward already replaced (accelerate's device hooks)
+    weight = head.weight
+    if _is_dtensor(weight) or hasattr(weight, "ds_id") or weight.dim() != 2:
+        return None  # sharded by FSDP2 (DTensor) or partitioned by DeepSpeed ZeRO-3
+    return head
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def head_passes_hidden_states(head: torch.nn.Module):
+    """While inside, ``head(x)`` returns ``x``: the model's "logits" are its kept hidden states."""
+    head.forward = lambda x: x
+    try:
+        yield
+    finally:
+        del head.forward
