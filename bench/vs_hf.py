@@ -18,6 +18,9 @@ Modes:
 - ``fixed``: every example exactly L tokens (examples >= L tokens truncated to L), no packing for
   anyone: nothing to gain from padding, so this measures the loop (and the loss path).
 
+Framework ``finetune-plain-loss`` (A/B only): finetune with the chunked head + cross-entropy
+switched off in-process (finetune/linear_cross_entropy.py), i.e. logits kept as before.
+
     python bench/vs_hf.py --quick            # tiny model, 4 steps x 6 runs (20 min at load ~12 on 2 cores)
     python bench/vs_hf.py                    # SmolLM2-135M shape (slow on 2 CPU cores)
 """
@@ -193,10 +196,16 @@ def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len:
                                   "pad_frac": 1 - useful / total, "timed_steps": steps - warmup}), flush=True)
 
 
+# finetune-plain-loss: the same entry with the chunked head + loss switched off in-process.
+PLAIN_LOSS = ("import runpy, finetune.loss as l; l.plain_lm_head = lambda model: None; "
+              "runpy.run_module('finetune', run_name='__main__', alter_sys=True)")
+
+
 def finetune_cmd(work: Path, info: dict, mode: str, steps: int, warmup: int, fixed_len: int,
-                 out: Path, stage: str = "train") -> list[str]:
+                 out: Path, stage: str = "train", plain_loss: bool = False) -> list[str]:
     max_len = 512 if mode == "packed" else fixed_len
-    return [sys.executable, "-m", "finetune", "recipe=lora-llm", "model=smollm2-135m",
+    entry = ["-c", PLAIN_LOSS] if plain_loss else ["-m", "finetune"]
+    return [sys.executable, *entry, "recipe=lora-llm", "model=smollm2-135m",
             f"model.name_or_path={info['model']}", "model.dtype=float32", "model.attn_implementation=sdpa",
             f"data.path={work / (mode + '.jsonl')}", "data.format=alpaca", "data.eval_size=0",
             "data.eval_split=null", f"data.max_seq_len={max_len}",
@@ -226,13 +235,13 @@ def finetune_result(out: Path, warmup: int) -> dict:
 def run_one(kind: str, work: Path, info: dict, mode: str, a) -> dict:
     log = work / f"log-{kind}-{mode}.txt"
     env = {"BENCH_SHAPE": a.shape, "TOKENIZERS_PARALLELISM": "false"}
-    if kind == "finetune":
-        out = work / f"run-{mode}"
+    if kind.startswith("finetune"):
+        out = work / f"run-{mode}" if kind == "finetune" else work / f"run-{kind}-{mode}"
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        code, wall, rss = run_child(finetune_cmd(work, info, mode, a.steps, a.warmup, a.fixed_len, out),
-                                    env=env, log=log)
+        code, wall, rss = run_child(finetune_cmd(work, info, mode, a.steps, a.warmup, a.fixed_len, out,
+                                                 plain_loss=kind == "finetune-plain-loss"), env=env, log=log)
         if code:
             raise SystemExit(f"finetune failed ({code}); see {log}")
         res = finetune_result(out, a.warmup)
@@ -306,7 +315,7 @@ def report(mode: str, results: dict, a) -> None:
     if "finetune" not in results:
         return
     ft = results["finetune"]
-    for other in ("hf", "trl"):
+    for other in ("finetune-plain-loss", "hf", "trl"):
         if other not in results:
             continue
         pairs = [f["useful_tok_s"] / o["useful_tok_s"] for f, o in zip(ft, results[other])]
