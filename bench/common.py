@@ -76,3 +76,20 @@ def median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# A/B baselines: the public entry with one of finetune's own speed-ups switched off in-process, so
+# "before" and "after" run the same code otherwise, in the same invocation.
+SWITCH_OFF = {
+    "packed-attention": "import finetune.attention as m; m.implementation = lambda attn, packing: attn",
+    "chunked-loss": "import finetune.loss as m; m.plain_lm_head = lambda model: None",
+}
+
+
+def finetune_entry(off: tuple[str, ...] = ()) -> list[str]:
+    """``[python, -m, finetune]``, or a ``-c`` entry that first switches off the named speed-ups."""
+    if not off:
+        return [sys.executable, "-m", "finetune"]
+    code = "; ".join([SWITCH_OFF[name] for name in off] +
+                     ["import runpy; runpy.run_module('finetune', run_name='__main__', alter_sys=True)"])
+    return [sys.executable, "-c", code]

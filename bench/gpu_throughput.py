@@ -8,8 +8,8 @@ seq_len/3 tokens, half prompt) is written as jsonl. Each (mode, attention) pair 
 entry ``python -m finetune`` in a fresh process: bf16 weights (model.dtype=auto on a bf16 GPU),
 packing into rows of --seq-len tokens (position ids, no mask). ``--attn`` lists the attention
 implementations to compare: sdpa (with packing: finetune's varlen flash path, finetune/attention.py),
-sdpa-masked (bench only, the A/B baseline: transformers' sdpa over the block-diagonal mask, as before
-that path), flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
+sdpa-masked and sdpa-plain-loss (bench only, A/B baselines: sdpa with finetune's packed attention,
+resp. its chunked head + cross-entropy, switched off in-process), flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
 
 Figures (after the warm-up window, from finetune's metrics.jsonl):
 - tokens/s: non-padding tokens per second (finetune's ``tokens_per_s``);
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_machine, read_jsonl, run_child, table  # noqa: E402
+from common import finetune_entry, print_machine, read_jsonl, run_child, table  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -117,18 +117,12 @@ def attention_flops_per_token(data_dir: Path, layers: int, hidden: int) -> float
     return float(6 * 2 * (lengths ** 2).sum() * hidden * layers / lengths.sum())
 
 
-# The A/B baseline for finetune's packed attention: the same entry with it switched off in-process.
-MASKED_SDPA = ("import runpy, finetune.attention as a; "
-               "a.implementation = lambda attn, packing: attn; "
-               "runpy.run_module('finetune', run_name='__main__', alter_sys=True)")
-
-
 def finetune_cmd(mode: str, attn: str, model_dir: Path, data: Path, out: Path, a) -> list[str]:
-    entry = ["-c", MASKED_SDPA] if attn == "sdpa-masked" else ["-m", "finetune"]
-    attn = "sdpa" if attn == "sdpa-masked" else attn
+    off = {"sdpa-masked": ("packed-attention",), "sdpa-plain-loss": ("chunked-loss",)}.get(attn, ())
+    attn = "sdpa" if attn.startswith("sdpa") else attn
     recipe = ["recipe=lora-llm", "peft.r=16", "peft.alpha=32", "peft.dropout=0.0", "optim.lr=2e-4"] \
         if mode == "lora" else ["recipe=full-llm", "optim.lr=1e-5"]
-    return [sys.executable, *entry, *recipe, "model=smollm2-135m",
+    return [*finetune_entry(off), *recipe, "model=smollm2-135m",
             f"model.name_or_path={model_dir}", f"model.attn_implementation={attn}",
             f"model.gradient_checkpointing={'true' if a.grad_ckpt else 'false'}",
             f"data.path={data}", "data.format=prompt_completion", "data.eval_size=0", "data.eval_split=null",
@@ -146,7 +140,7 @@ def main() -> None:
     p.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="1b")
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--attn", default="sdpa",
-                   help="comma list of sdpa | sdpa-masked | flash_attention_2 | flex_attention, each run per mode")
+                   help="comma list of sdpa | sdpa-masked | sdpa-plain-loss | flash_attention_2 | flex_attention")
     p.add_argument("--rows", type=int, default=None, help="synthetic examples (default 2000; tiny 400)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--mb", type=int, default=None)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, median, print_machine, read_jsonl, run_child, table  # noqa: E402
+from common import SHARED, finetune_entry, median, print_machine, read_jsonl, run_child, table  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
           " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -196,16 +196,10 @@ def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len:
                                   "pad_frac": 1 - useful / total, "timed_steps": steps - warmup}), flush=True)
 
 
-# finetune-plain-loss: the same entry with the chunked head + loss switched off in-process.
-PLAIN_LOSS = ("import runpy, finetune.loss as l; l.plain_lm_head = lambda model: None; "
-              "runpy.run_module('finetune', run_name='__main__', alter_sys=True)")
-
-
 def finetune_cmd(work: Path, info: dict, mode: str, steps: int, warmup: int, fixed_len: int,
                  out: Path, stage: str = "train", plain_loss: bool = False) -> list[str]:
     max_len = 512 if mode == "packed" else fixed_len
-    entry = ["-c", PLAIN_LOSS] if plain_loss else ["-m", "finetune"]
-    return [sys.executable, *entry, "recipe=lora-llm", "model=smollm2-135m",
+    return [*finetune_entry(("chunked-loss",) if plain_loss else ()), "recipe=lora-llm", "model=smollm2-135m",
             f"model.name_or_path={info['model']}", "model.dtype=float32", "model.attn_implementation=sdpa",
             f"data.path={work / (mode + '.jsonl')}", "data.format=alpaca", "data.eval_size=0",
             "data.eval_split=null", f"data.max_seq_len={max_len}",

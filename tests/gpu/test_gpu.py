@@ -1,4 +1,5 @@
-"""GPU checks (skipped without CUDA): bf16 training, packed attention (sdpa, torch varlen, flash), QLoRA 4-bit.
+"""GPU checks (skipped without CUDA): bf16 training, packed attention (sdpa, torch varlen, flash), chunked
+LM head + loss in bf16, QLoRA 4-bit.
 
 Run by bench/gpu.sh on a GPU machine: ``pytest tests/gpu``. Tiny models built in code; no network.
 """
@@ -123,6 +124,27 @@ def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch)
         err_fast = float((fast[name] - g).norm() / g.norm().clamp_min(1e-12))
         err_sdpa = float((sdpa[name] - g).norm() / g.norm().clamp_min(1e-12))
         assert err_fast <= max(2 * err_sdpa, 2e-2), f"{name}: varlen {err_fast:.2e} vs sdpa {err_sdpa:.2e}"
+
+
+def test_chunked_head_and_loss_match_the_plain_path_in_bf16():
+    """finetune/linear_cross_entropy.py on GPU in bf16: loss and gradients as the plain logits path."""
+    from finetune.linear_cross_entropy import plain_lm_head
+    from finetune.loss import causal_lm_loss_sum
+
+    _, batch = packed_batch()
+    model = tiny_llama("sdpa").train()
+    assert plain_lm_head(model) is model.lm_head
+    results = []
+    for chunked in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss_sum(model, batch, chunked=chunked)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (fast_loss, fast), (ref_loss, ref) = results
+    assert abs(fast_loss - ref_loss) <= 1e-3 * abs(ref_loss)
+    for name, g in ref.items():
+        err = float((fast[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err <= 2e-2, f"{name}: {err:.2e}"
 
 
 def test_qlora_4bit_load_and_train(tmp_path):
