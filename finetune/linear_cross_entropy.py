@@ -40,10 +40,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if need_h or need_w:
                 grad = logprobs.exp_()  # softmax, in place
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad = grad.to(weight.dtype)  # the matmuls run in the weight's dtype, as the plain path's
                 if need_h:
-                    grad_h[start:start + chunk] = grad.to(weight.dtype) @ weight
-                if need_w:
-                    grad_w.addmm_(grad.t(), h.to(acc))
+                    grad_h[start:start + chunk] = grad @ weight
+                if need_w and acc == weight.dtype:
+                    grad_w.addmm_(grad.t(), h)
+                elif need_w:  # bf16/fp16: a bf16 product per chunk (not an fp32 one), summed in fp32
+                    grad_w += grad.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

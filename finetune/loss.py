@@ -13,6 +13,8 @@ keep no logits. The loss is the same as the full-logits path (tested).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -66,5 +68,7 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def loss_sum_fn(task: str):
-    return classification_loss_sum if task == "sequence-classification" else causal_lm_loss_sum
+def loss_sum_fn(task: str, chunked: bool = True):
+    if task == "sequence-classification":
+        return classification_loss_sum
+    return causal_lm_loss_sum if chunked else functools.partial(causal_lm_loss_sum, chunked=False)

@@ -110,7 +110,8 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * self.plan.steps_per_epoch)
         self.collate = self.data.collator(self.tokenizer.pad_token_id, cfg.data.packing,
                                           cfg.data.max_seq_len if t.compile else None)
-        self.loss_sum = loss_sum_fn(cfg.model.task)
+        chunked = {"on": True, "off": False}.get(t.chunked_loss, self.acc.device.type != "cuda")
+        self.loss_sum = loss_sum_fn(cfg.model.task, chunked)
 
     def _setup_model(self) -> None:
         cfg = self.cfg

@@ -147,3 +147,21 @@ def test_heads_it_cannot_stand_in_for_take_the_plain_path():
     model = tiny_llama("sdpa")
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert plain_lm_head(model) is None  # an adapter on the head
+
+
+@pytest.mark.parametrize("recipe", ["lora-llm", "full-llm"])
+def test_training_with_the_chunked_loss_on_and_off_follows_the_same_losses(tmp_path, recipe):
+    """trainer.chunked_loss: auto (on, on CPU) and off train the same run, loss for loss."""
+    from run_helpers import run_cli, train_losses
+
+    runs = {}
+    for mode in ("auto", "off"):
+        run_dir = tmp_path / mode
+        run_cli([f"recipe={recipe}", f"trainer.chunked_loss={mode}", "trainer.max_steps=8",
+                 "trainer.log_steps=1", "trainer.eval_steps=0", "trainer.save_steps=0",
+                 "trainer.sample_prompts=0", "trainer.progress=false", "logger.plots=false",
+                 f"output_dir={run_dir}"], timeout=300, check=True)
+        runs[mode] = train_losses(run_dir)
+    assert len(runs["auto"]) == 8 and [s for s, _ in runs["auto"]] == [s for s, _ in runs["off"]]
+    for (_, a), (_, b) in zip(runs["auto"], runs["off"]):
+        assert abs(a - b) <= 1e-4 * abs(b), (runs["auto"], runs["off"])
