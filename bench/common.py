@@ -82,7 +82,6 @@ def median(xs: list[float]) -> float:
 # "before" and "after" run the same code otherwise, in the same invocation.
 SWITCH_OFF = {
     "packed-attention": "import finetune.attention as m; m.implementation = lambda attn, packing: attn",
-    "chunked-loss": "import finetune.loss as m; m.plain_lm_head = lambda model: None",
 }
 
 

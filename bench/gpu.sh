@@ -5,8 +5,8 @@
 #   2. pytest tests/gpu (bf16 training, packed attention: torch varlen / flash vs sdpa, QLoRA 4-bit),
 #   3. bench/packed_attention.py: packed attention alone, block-diagonal sdpa vs finetune's varlen path,
 #   4. bench/gpu_throughput.py: full and LoRA fine-tune tokens/s and MFU on a 1.1B Llama shape, then
-#      (time permitting) the full run again without finetune's packed path (sdpa-masked) and with
-#      flex_attention.
+#      (time permitting) the full run again without finetune's packed path (sdpa-masked), with
+#      trainer.chunked_loss=on, and with flex_attention.
 #
 # Two set-ups:
 # - The GPU machine's python already has a CUDA torch (a CUDA image: the usual case). bench/wheels
@@ -93,13 +93,14 @@ echo "== bench/gpu_throughput.py full,lora sdpa  (budget $(( $(left) - 20 )) s)"
 timeout $(( $(left) - 20 )) "$PY" bench/gpu_throughput.py --work /tmp/finetune-gpu-bench 2>&1 \
   | tee "$OUT/gpu_throughput.txt" || echo "gpu_throughput FAILED or timed out"
 
-# The A/B: full fine-tune without finetune's packed path, and flex (which recompiles during its
-# first ~20 steps: 2.5-4.5k tok/s at steps 1-20, 45k after, on an H200; hence the longer warm-up).
+# The A/B: full fine-tune without finetune's packed path, with the chunked loss on, and flex
+# (which recompiles during its first ~20 steps: 2.5-4.5k tok/s at steps 1-20, 45k after, on an
+# H200; hence the longer warm-up).
 if [ "$(left)" -gt 150 ]; then
-  echo "== bench/gpu_throughput.py full sdpa-masked,flex_attention  (budget $(( $(left) - 10 )) s)"
+  echo "== bench/gpu_throughput.py full sdpa-masked,sdpa-chunked-loss,flex_attention  (budget $(( $(left) - 10 )) s)"
   timeout $(( $(left) - 10 )) "$PY" bench/gpu_throughput.py --work /tmp/finetune-gpu-bench --modes full \
-    --attn sdpa-masked,flex_attention --steps 60 --warmup 20 2>&1 | tee "$OUT/gpu_throughput_ab.txt" || echo "A/B runs FAILED or timed out"
+    --attn sdpa-masked,sdpa-chunked-loss,flex_attention --steps 60 --warmup 20 2>&1 | tee "$OUT/gpu_throughput_ab.txt" || echo "A/B runs FAILED or timed out"
 else
-  echo "== skipped the sdpa-masked / flex_attention runs: $(left) s left"
+  echo "== skipped the A/B runs: $(left) s left"
 fi
 echo "== done in $(( $(date +%s) - START )) s; outputs in $OUT/"

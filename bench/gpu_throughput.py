@@ -8,8 +8,9 @@ seq_len/3 tokens, half prompt) is written as jsonl. Each (mode, attention) pair 
 entry ``python -m finetune`` in a fresh process: bf16 weights (model.dtype=auto on a bf16 GPU),
 packing into rows of --seq-len tokens (position ids, no mask). ``--attn`` lists the attention
 implementations to compare: sdpa (with packing: finetune's varlen flash path, finetune/attention.py),
-sdpa-masked and sdpa-plain-loss (bench only, A/B baselines: sdpa with finetune's packed attention,
-resp. its chunked head + cross-entropy, switched off in-process), flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
+sdpa-masked (bench only, the A/B baseline: sdpa with finetune's packed attention switched off
+in-process), sdpa-chunked-loss (sdpa with ``trainer.chunked_loss=on``; auto leaves it off on CUDA),
+flash_attention_2 (needs the flash-attn package), flex_attention (transformers' block mask).
 
 Figures (after the warm-up window, from finetune's metrics.jsonl):
 - tokens/s: non-padding tokens per second (finetune's ``tokens_per_s``);
@@ -118,11 +119,12 @@ def attention_flops_per_token(data_dir: Path, layers: int, hidden: int) -> float
 
 
 def finetune_cmd(mode: str, attn: str, model_dir: Path, data: Path, out: Path, a) -> list[str]:
-    off = {"sdpa-masked": ("packed-attention",), "sdpa-plain-loss": ("chunked-loss",)}.get(attn, ())
+    off = ("packed-attention",) if attn == "sdpa-masked" else ()
+    chunked = "on" if attn == "sdpa-chunked-loss" else "auto"
     attn = "sdpa" if attn.startswith("sdpa") else attn
     recipe = ["recipe=lora-llm", "peft.r=16", "peft.alpha=32", "peft.dropout=0.0", "optim.lr=2e-4"] \
         if mode == "lora" else ["recipe=full-llm", "optim.lr=1e-5"]
-    return [*finetune_entry(off), *recipe, "model=smollm2-135m",
+    return [*finetune_entry(off), *recipe, f"trainer.chunked_loss={chunked}", "model=smollm2-135m",
             f"model.name_or_path={model_dir}", f"model.attn_implementation={attn}",
             f"model.gradient_checkpointing={'true' if a.grad_ckpt else 'false'}",
             f"data.path={data}", "data.format=prompt_completion", "data.eval_size=0", "data.eval_split=null",
@@ -140,7 +142,7 @@ def main() -> None:
     p.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="1b")
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--attn", default="sdpa",
-                   help="comma list of sdpa | sdpa-masked | sdpa-plain-loss | flash_attention_2 | flex_attention")
+                   help="comma list of sdpa | sdpa-masked | sdpa-chunked-loss | flash_attention_2 | flex_attention")
     p.add_argument("--rows", type=int, default=None, help="synthetic examples (default 2000; tiny 400)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--mb", type=int, default=None)

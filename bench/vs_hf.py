@@ -18,8 +18,8 @@ Modes:
 - ``fixed``: every example exactly L tokens (examples >= L tokens truncated to L), no packing for
   anyone: nothing to gain from padding, so this measures the loop (and the loss path).
 
-Framework ``finetune-plain-loss`` (A/B only): finetune with the chunked head + cross-entropy
-switched off in-process (finetune/linear_cross_entropy.py), i.e. logits kept as before.
+Framework ``finetune-plain-loss`` (A/B only): finetune with ``trainer.chunked_loss=off`` (the
+logits kept, as before finetune/linear_cross_entropy.py; on CPU ``auto`` means on).
 
     python bench/vs_hf.py --quick            # tiny model, 4 steps x 6 runs (20 min at load ~12 on 2 cores)
     python bench/vs_hf.py                    # SmolLM2-135M shape (slow on 2 CPU cores)
@@ -199,7 +199,7 @@ def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len:
 def finetune_cmd(work: Path, info: dict, mode: str, steps: int, warmup: int, fixed_len: int,
                  out: Path, stage: str = "train", plain_loss: bool = False) -> list[str]:
     max_len = 512 if mode == "packed" else fixed_len
-    return [*finetune_entry(("chunked-loss",) if plain_loss else ()), "recipe=lora-llm", "model=smollm2-135m",
+    return [*finetune_entry(), "recipe=lora-llm", f"trainer.chunked_loss={'off' if plain_loss else 'auto'}", "model=smollm2-135m",
             f"model.name_or_path={info['model']}", "model.dtype=float32", "model.attn_implementation=sdpa",
             f"data.path={work / (mode + '.jsonl')}", "data.format=alpaca", "data.eval_size=0",
             "data.eval_split=null", f"data.max_seq_len={max_len}",
