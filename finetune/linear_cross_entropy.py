@@ -34,7 +34,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            # in the weight's dtype: under autocast the hidden states can arrive in another one
+            h, t = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk]
             logprobs = torch.log_softmax(F.linear(h, weight).to(acc), dim=-1)
             total -= logprobs.gather(1, t[:, None]).sum()
             if need_h or need_w:

@@ -165,3 +165,20 @@ def test_training_with_the_chunked_loss_on_and_off_follows_the_same_losses(tmp_p
     assert len(runs["auto"]) == 8 and [s for s, _ in runs["auto"]] == [s for s, _ in runs["off"]]
     for (_, a), (_, b) in zip(runs["auto"], runs["off"]):
         assert abs(a - b) <= 1e-4 * abs(b), (runs["auto"], runs["off"])
+
+
+def test_chunked_loss_under_autocast_with_hidden_states_in_another_dtype():
+    """bf16 autocast, fp32 head, bf16 hidden states: runs, and matches the plain path's rounding."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 64, generator=g).requires_grad_()
+    hidden = torch.randn(50, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 1000, (50,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy_sum(hidden, weight, targets, 7)
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets,
+                                                reduction="sum")
+    got_grads, ref_grads = torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])
+    assert got_grads[0].dtype == torch.bfloat16 and got_grads[1].dtype == torch.float32
+    assert abs(float(got.detach()) - float(ref.detach())) <= 1e-4 * abs(float(ref.detach()))
+    for a, b in zip(got_grads, ref_grads):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
