@@ -62,7 +62,6 @@ class Module(torch.nn.Module):
     def __init__(self, groups: int):
         super().__init__()
         self.num_key_value_groups = groups
-        self.training = True
 
 
 def run(fn, module, q, k, v, mask, pos, grad_out):

@@ -44,16 +44,20 @@ def _segment_lengths(query, key, attention_mask, position_ids) -> list[list[int]
     causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
     if not torch.equal(attention_mask[:, 0], (seg[:, :, None] == seg[:, None, :]) & causal):
         return None
-    lengths = []
-    for row in starts:
-        idx = torch.nonzero(row).flatten().tolist() + [length]
-        lengths.append([b - a for a, b in zip(idx[:-1], idx[1:])])
+    lengths = [[] for _ in range(batch)]
+    begins = starts.nonzero().tolist()  # (row, start) pairs in row order: one host sync per layer
+    for (row, a), nxt in zip(begins, begins[1:] + [[batch, 0]]):
+        lengths[row].append((nxt[1] if nxt[0] == row else length) - a)
     return lengths
 
 
-@functools.cache
-def _varlen_kernel(device_index: int):
+def _varlen_kernel(device: torch.device):
     """torch's variable-length flash attention, where this torch and GPU have it; else None."""
+    return _varlen_kernel_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _varlen_kernel_on(device_index: int):
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
@@ -69,14 +73,12 @@ def _fast_path_possible(module, query, dropout: float) -> bool:
         return True
     return (query.device.type == "cuda" and dropout == 0.0 and query.shape[-1] <= 256
             and query.dtype in (torch.float16, torch.bfloat16)
-            and _varlen_kernel(query.device.index if query.device.index is not None
-                               else torch.cuda.current_device()) is not None)
+            and _varlen_kernel(query.device) is not None)
 
 
 def _varlen_attention(query, key, value, lengths: list[list[int]], scaling: float | None):
     """All examples of the batch in one varlen flash call: (B, H, L, D) in, (B, L, H, D) out."""
-    kernel = _varlen_kernel(query.device.index if query.device.index is not None
-                            else torch.cuda.current_device())
+    kernel = _varlen_kernel(query.device)
     batch, heads, length, dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention: head i reads key/value head i // groups
         key = key.repeat_interleave(heads // key.shape[1], dim=1)

@@ -149,15 +149,22 @@ def test_heads_it_cannot_stand_in_for_take_the_plain_path():
     assert plain_lm_head(model) is None  # an adapter on the head
 
 
-@pytest.mark.parametrize("recipe", ["lora-llm", "full-llm"])
+# The built-in tiny Llama's LoRA also trains embed_tokens + lm_head (modules_to_save): a wrapped head
+# takes the plain path, so the LoRA run here keeps the head frozen, as a pretrained model's would be.
+@pytest.mark.parametrize("recipe", [["recipe=lora-llm", "model.lora_modules_to_save=[]"], ["recipe=full-llm"]],
+                         ids=["lora-llm", "full-llm"])
 def test_training_with_the_chunked_loss_on_and_off_follows_the_same_losses(tmp_path, recipe):
     """trainer.chunked_loss: auto (on, on CPU) and off train the same run, loss for loss."""
-    from run_helpers import run_cli, train_losses
+    from run_helpers import build_trainer, run_cli, train_losses
 
+    for mode, chunked in (("auto", True), ("off", False)):  # what each run below trains with
+        trainer = build_trainer([*recipe, f"trainer.chunked_loss={mode}"], tmp_path / f"setup-{mode}")
+        assert plain_lm_head(trainer.model) is not None
+        assert (trainer.loss_sum is causal_lm_loss_sum) == chunked
     runs = {}
     for mode in ("auto", "off"):
         run_dir = tmp_path / mode
-        run_cli([f"recipe={recipe}", f"trainer.chunked_loss={mode}", "trainer.max_steps=8",
+        run_cli([*recipe, f"trainer.chunked_loss={mode}", "trainer.max_steps=8",
                  "trainer.log_steps=1", "trainer.eval_steps=0", "trainer.save_steps=0",
                  "trainer.sample_prompts=0", "trainer.progress=false", "logger.plots=false",
                  f"output_dir={run_dir}"], timeout=300, check=True)

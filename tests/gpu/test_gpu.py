@@ -100,7 +100,7 @@ def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch)
     from finetune import attention
     from finetune.loss import causal_lm_loss_sum
 
-    if attention._varlen_kernel(torch.cuda.current_device()) is None:
+    if attention._varlen_kernel(torch.device("cuda")) is None:
         pytest.skip("this torch or GPU has no torch.nn.attention.varlen flash kernel")
     _, batch = packed_batch()
     calls = []
