@@ -81,7 +81,7 @@ def median(xs: list[float]) -> float:
 # A/B baselines: the public entry with one of finetune's own speed-ups switched off in-process, so
 # "before" and "after" run the same code otherwise, in the same invocation.
 SWITCH_OFF = {
-    "packed-attention": "import finetune.attention as m; m.implementation = lambda attn, packing: attn",
+    "packed-attention": "import finetune.model.attention as m; m.implementation = lambda attn, packing: attn",
 }
 
 

@@ -26,11 +26,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from finetune.config import RunConfig  # noqa: E402
-from finetune.data import _encode, _format_all  # noqa: E402
+from finetune.config.schema import RunConfig  # noqa: E402
+from finetune.data.records import format_records  # noqa: E402
 from finetune.data.packing import pack_examples  # noqa: E402
 from finetune.data.sources import Record  # noqa: E402
 from finetune.data.tokenize import Stats  # noqa: E402
+from finetune.tasks.causal_lm import CausalLMTask  # noqa: E402
 
 SHARED = Path("/work/shared/data")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -62,14 +63,16 @@ def main() -> None:
                            "data": {"path": "bench", "format": "alpaca", "max_seq_len": args.max_seq_len,
                                     "on_bad_example": "skip"}})
 
+    task = CausalLMTask(cfg)
+    formatted = lambda stats: format_records(cfg, ((r, "alpaca") for r in records), stats)
+
     def pipeline() -> tuple[int, float]:
         stats = Stats()
-        enc, _ = _encode(cfg, tok, _format_all(cfg, records, stats), stats)
+        enc, _ = task.encode(tok, formatted(stats), stats, None)
         bins = pack_examples(enc.lengths(), args.max_seq_len)
         return int(enc.lengths().sum()), float(enc.lengths().sum() / (len(bins) * args.max_seq_len))
 
-    stats = Stats()
-    chats = _format_all(cfg, records, stats)
+    chats = formatted(Stats())
     texts = [tok.apply_chat_template(m, tokenize=False) for m in chats]
 
     def raw() -> int:

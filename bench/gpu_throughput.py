@@ -83,7 +83,7 @@ def save_model(shape: str, out: Path, device: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.builtin import tiny_chat_tokenizer
+    from finetune.model.builtin import tiny_chat_tokenizer
 
     tok = tiny_chat_tokenizer()
     cfg = LlamaConfig(max_position_embeddings=8192, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

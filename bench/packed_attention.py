@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import print_machine  # noqa: E402
 
-from finetune import attention  # noqa: E402
+from finetune.model import attention  # noqa: E402
 from finetune.data.packing import pack_examples  # noqa: E402
 
 

@@ -4,8 +4,8 @@ Stages (``stage=``): ``train`` (default), ``preprocess`` (tokenise + cache the d
 CPU nodes before a GPU job), ``export`` (merge an adapter into its base model). ``dry_run=true``
 prints the plan (parameters, batch sizes, steps, memory estimate) without training.
 
-Overrides are checked before anything heavy is built: an unknown key, a wrong type or a bad
-choice prints one line naming the key and the valid choices, and exits with status 2.
+Overrides are checked before anything heavy is built: every unknown key, wrong type or bad
+choice is printed, one line each naming the key and the valid choices, and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.config import register_configs, validate
-from finetune.errors import ConfigError, FinetuneError
-from finetune.exit_codes import EXIT_CONFIG_ERROR
+from finetune.config import problems, register_configs, validate
+from finetune.errors import EXIT_CONFIG_ERROR, FinetuneError
 
 
 def _config_dir() -> str:
@@ -31,8 +30,9 @@ CONFIG_DIR = _config_dir()
 HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
 
 
-def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def fail(lines: list[str], code: int = EXIT_CONFIG_ERROR) -> None:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -53,26 +53,18 @@ def run(cfg) -> int:
     launcher = cfg.launcher
     if (launcher.nproc_per_node > 1 or launcher.nnodes > 1) and not os.environ.get("FINETUNE_LAUNCHED") \
             and "RANK" not in os.environ:
-        from finetune.launch import launch
+        from finetune.distributed.launch import launch
 
         return launch(_overrides(), launcher.nproc_per_node, launcher.nnodes, launcher.node_rank,
                       launcher.master_addr, launcher.master_port)
     if cfg.dry_run:
-        from finetune.plan import print_plan
+        from finetune.train.dry_run import print_plan
 
         print_plan(cfg)
         return 0
-    if cfg.stage == "export":
-        from finetune.stages import run_export
+    from finetune.train.stages import STAGES
 
-        return run_export(cfg)
-    if cfg.stage == "preprocess":
-        from finetune.stages import run_preprocess
-
-        return run_preprocess(cfg)
-    from finetune.stages import run_train
-
-    return run_train(cfg)
+    return STAGES[cfg.stage](cfg)
 
 
 def _overrides() -> list[str]:
@@ -85,27 +77,44 @@ def _task(cfg) -> None:
     try:
         code = run(cfg)
     except FinetuneError as exc:
-        fail(str(exc), exc.exit_code)
+        fail(exc.lines(), exc.exit_code)
     if code:
         sys.exit(code)
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose the config once, turning Hydra/OmegaConf errors into one actionable line."""
+def compose_problems(overrides: list[str]) -> list[str]:
+    """Every problem of the override set, one line each.
+
+    Hydra stops at the first bad override, so the one it names is set aside and the rest composed
+    again, until the set composes; the composed config's own checks (:func:`problems`) follow."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        from finetune.cli_errors import explain
+    from finetune.config.explain import explain, override_named
 
-        fail(explain(exc, overrides, CONFIG_DIR))
-    except ConfigError as exc:
-        fail(str(exc))
+    found, remaining = [], list(overrides)
+    while True:
+        try:
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+                cfg = compose("config", overrides=remaining)
+        except (HydraException, OmegaConfBaseException) as exc:
+            line = explain(exc, remaining, CONFIG_DIR)
+            if line not in found:
+                found.append(line)
+            culprit = override_named(exc, remaining)
+            if culprit is None:
+                return found
+            remaining.remove(culprit)
+            continue
+        return found + problems(cfg)
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose the config once, before Hydra runs the job, turning errors into one line each."""
+    found = compose_problems(overrides)
+    if found:
+        fail(found)
 
 
 def main() -> None:

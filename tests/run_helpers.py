@@ -50,8 +50,8 @@ def build_trainer(overrides: list[str], run_dir: Path):
     """An in-process Trainer (single process) set up for ``overrides``."""
     from omegaconf import OmegaConf
 
-    from finetune.strategies import get_strategy
-    from finetune.trainer import Trainer
+    from finetune.distributed.strategy import get_strategy
+    from finetune.train.loop import Trainer
 
     cfg = compose(overrides + [f"output_dir={run_dir}"])
     OmegaConf.set_struct(cfg, True)

@@ -10,7 +10,7 @@ import time
 import pytest
 from data_helpers import REPO, alpaca_rows, make_cfg, qwen_like_tokenizer, run_cli, write_jsonl
 
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import cache_key, prepare_data
 
 
@@ -69,7 +69,7 @@ def test_tokenizer_and_source_file_changes_miss(tmp_path):
 WORKER = """
 import sys
 from data_helpers import make_cfg
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 from finetune.errors import DataError
 cfg = make_cfg("data.path=" + sys.argv[1], cache_dir=sys.argv[2])

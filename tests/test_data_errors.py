@@ -8,7 +8,7 @@ import json
 import pytest
 from data_helpers import alpaca_rows, make_cfg, run_cli, write_jsonl
 
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 
 GOOD = {"instruction": "Say hi", "output": "hi"}

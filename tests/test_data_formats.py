@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from data_helpers import make_cfg, qwen_like_tokenizer, write_jsonl
 
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 from finetune.data.tokenize import IGNORE, ChatRenderer, chat_segments
 
@@ -104,7 +104,7 @@ def test_text_documents_are_chunked_to_max_seq_len_with_eos(tmp_path):
 
 
 def test_classification_labels(tmp_path):
-    from finetune.builtin import tiny_bert_tokenizer
+    from finetune.model.builtin import tiny_bert_tokenizer
 
     rows = [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from data_helpers import alpaca_rows, make_cfg, write_jsonl
 
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data, sources
 
 

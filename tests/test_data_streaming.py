@@ -13,7 +13,7 @@ from data_helpers import alpaca_rows, make_cfg, run_cli, write_jsonl
 from test_data_sources import _dataset_repo
 from test_packing import alpaca_like_lengths
 
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 from finetune.data.packing import Collator
 from finetune.errors import DataError
@@ -185,7 +185,7 @@ def test_trainer_resumes_a_stream_exactly(tmp_path):
 
 
 def test_classification_stream_needs_label_names(tmp_path):
-    from finetune.builtin import tiny_bert_tokenizer
+    from finetune.model.builtin import tiny_bert_tokenizer
 
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
     args = ("recipe=lora-classifier", "model=tiny-bert", "data.format=classification")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from run_helpers import REPO, build_trainer, read_metrics, run_cli, train_losses
-from finetune.exit_codes import EXIT_PREEMPTED
+from finetune.errors import EXIT_PREEMPTED
 
 COMMON = ["recipe=lora-llm", "trainer.max_steps=40", "trainer.micro_batch_size=16", "trainer.log_steps=1",
           "trainer.eval_steps=0", "trainer.sample_prompts=0", "peft.dropout=0.1",
@@ -140,7 +140,7 @@ def test_resume_restores_position_without_iterating(tmp_path):
     first.train()
     resumed = build_trainer(["recipe=lora-llm", "trainer.max_steps=6", "trainer.save_steps=5",
                              "trainer.eval_steps=0", "trainer.sample_prompts=0", "resume=auto"], run_dir)
-    assert resumed.step == 5
+    assert resumed.state.step == 5
     drawn = []
     dataset = resumed.data.train
     original = type(dataset).__getitem__
@@ -152,8 +152,8 @@ def test_resume_restores_position_without_iterating(tmp_path):
 
     dataset.__class__ = Counting
     resumed.train()
-    assert len(drawn) == resumed.plan.rows_per_step  # one step's rows, not 6 steps' worth
-    assert sorted(drawn) == sorted(resumed.plan.epoch_order(0)[5].tolist())
+    assert len(drawn) == resumed.feed.rows_per_step  # one step's rows, not 6 steps' worth
+    assert sorted(drawn) == sorted(resumed.feed.plan.epoch_order(0)[5].tolist())
 
 
 def test_resume_refuses_a_different_model(tmp_path):

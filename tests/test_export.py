@@ -21,9 +21,9 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakehub/ sits beside the tests
 from fakehub.tiny_models import build_run_dir
 
-from finetune import export
+from finetune.outputs import export
 from finetune.errors import ConfigError, ModelError
-from finetune.export import ExportError, merge_and_export
+from finetune.outputs.export import ExportError, merge_and_export
 
 TEXTS = ["hello world what is the answer", "tell me about the big red dog please"]
 

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakehub/ sits beside
 from fakehub.server import serve
 from fakehub.tiny_models import build_run_dir, build_tokenizer
 
-from finetune.config import HubConfig
+from finetune.config.schema import HubConfig
 from finetune.errors import ConfigError
-from finetune.export import merge_and_export
-from finetune.hub import HubPushError, HubUploader, push_run, verify_adapter
-from finetune.model_card import build_model_card
+from finetune.outputs.export import merge_and_export
+from finetune.outputs.hub import HubPushError, HubUploader, push_run, verify_adapter
+from finetune.outputs.model_card import build_model_card
 
 TOKEN = "hf_FakeTestToken0123456789abcdefXYZ"
 REPO = "tester/tiny"
@@ -158,7 +158,7 @@ def test_a_push_failing_every_time_is_reported_not_raised_into_training(fake_hub
     uploader.submit_run()
     results = uploader.close(wait=True)  # must not raise
     assert len(results) == 1 and not results[0].ok and "after 2 attempt" in results[0].error
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "finetune.hub"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "finetune.outputs.hub"]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert fake_hub.repos[REPO].commits == []
 
@@ -253,8 +253,8 @@ def test_classifier_card_metadata(tmp_path):
 def test_hf_endpoint_and_hf_token_env_vars_point_the_push(fake_hub, run_dir, tmp_path):
     """HF_ENDPOINT is read when huggingface_hub is imported: set it for a fresh process."""
     script = textwrap.dedent(f"""
-        from finetune.config import HubConfig
-        from finetune.hub import push_run
+        from finetune.config.schema import HubConfig
+        from finetune.outputs.hub import push_run
         print(push_run({str(run_dir)!r}, HubConfig(push=True, repo_id={REPO!r}), backoff_s=0))
     """)
     env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",

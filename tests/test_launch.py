@@ -1,4 +1,4 @@
-"""finetune.launch with real processes: a tiny worker script (not the trainer) written here.
+"""finetune.distributed.launch with real processes: a tiny worker script (not the trainer) written here.
 
 The worker records its torchrun environment, then behaves as ``WORKER_MODE`` says. Bounded
 timeouts only detect hangs; nothing asserts speed.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.exit_codes import EXIT_PREEMPTED
-from finetune.launch import launch
+from finetune.errors import EXIT_PREEMPTED
+from finetune.distributed.launch import launch
 
 WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
@@ -109,7 +109,7 @@ def test_bad_sizes_rejected(worker, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_reaches_each_worker_once(worker, tmp_path, sig):
     """The launcher runs as its own process; the signal goes to it alone, like `kill -USR1 PID`."""
-    code = (f"import sys; from finetune.launch import launch; "
+    code = (f"import sys; from finetune.distributed.launch import launch; "
             f"sys.exit(launch([{str(tmp_path)!r}], nproc_per_node=2, "
             f"cmd=[sys.executable, {str(worker)!r}], monitor_interval=0.1))")
     env = dict(os.environ, WORKER_MODE="signal")

@@ -2,7 +2,7 @@
 
 ``causal_lm_loss_sum`` asks the model for logits only where a target exists (boolean
 ``logits_to_keep``) and, for a plain LM head, runs head + cross-entropy in chunks that keep no
-logits (finetune/linear_cross_entropy.py); ``causal_lm_loss_sum_full`` projects every position.
+logits (finetune/model/linear_cross_entropy.py); ``causal_lm_loss_sum_full`` projects every position.
 All must give the same summed loss and the same gradients, for padded (attention mask) and packed
 (position ids, no mask) batches, with eager and sdpa attention, trained and frozen heads. A tiny
 Llama built in code; float64 so that 1e-5 measures the paths, not float32 rounding.
@@ -15,9 +15,9 @@ import torch
 
 from finetune.data.packing import Collator, TokenRows, pack_examples
 from finetune.data.tokenize import IGNORE, Encoded
-from finetune import linear_cross_entropy
-from finetune.linear_cross_entropy import linear_cross_entropy_sum, plain_lm_head
-from finetune.loss import causal_lm_loss_sum, causal_lm_loss_sum_full
+from finetune.model import linear_cross_entropy
+from finetune.model.linear_cross_entropy import linear_cross_entropy_sum, plain_lm_head
+from finetune.tasks.causal_lm import causal_lm_loss_sum, causal_lm_loss_sum_full
 
 VOCAB = 97
 
@@ -160,7 +160,7 @@ def test_training_with_the_chunked_loss_on_and_off_follows_the_same_losses(tmp_p
     for mode, chunked in (("auto", True), ("off", False)):  # what each run below trains with
         trainer = build_trainer([*recipe, f"trainer.chunked_loss={mode}"], tmp_path / f"setup-{mode}")
         assert plain_lm_head(trainer.model) is not None
-        assert (trainer.loss_sum is causal_lm_loss_sum) == chunked
+        assert trainer.task.chunked == chunked
     runs = {}
     for mode in ("auto", "off"):
         run_dir = tmp_path / mode

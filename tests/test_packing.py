@@ -8,12 +8,12 @@ import torch
 from data_helpers import alpaca_rows, make_cfg, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finetune import attention
-from finetune.builtin import tiny_chat_tokenizer
+from finetune.model import attention
+from finetune.model.builtin import tiny_chat_tokenizer
 from finetune.data import prepare_data
 from finetune.data.packing import Collator, TokenRows, pack_examples
 from finetune.data.tokenize import IGNORE, Encoded
-from finetune.loss import causal_lm_loss_sum, count_targets, shifted_targets
+from finetune.tasks.causal_lm import causal_lm_loss_sum, count_targets, shifted_targets
 
 VOCAB = 97
 

@@ -165,7 +165,7 @@ def test_sweep_validator_rejects_broken_configs():
 
 
 def test_wandb_sweep_trial_gets_its_own_run_dir(monkeypatch):
-    from finetune.stages import resolve_run_dir
+    from finetune.train.run_dir import resolve_run_dir
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     monkeypatch.setenv("WANDB_RUN_ID", "run42")
@@ -186,7 +186,7 @@ def fake_run(path: Path, lr: float, eval_loss: float | None, finished: bool = Tr
 
 
 def test_sweep_summary_orders_best_first(tmp_path, capsys):
-    from finetune.sweep_summary import main
+    from finetune.outputs.sweep_summary import main
 
     fake_run(tmp_path / "0", 1e-3, 2.5)
     fake_run(tmp_path / "1", 3e-3, 2.1)
@@ -202,7 +202,7 @@ def test_sweep_summary_orders_best_first(tmp_path, capsys):
 
 
 def test_sweep_summary_without_runs_is_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "finetune.sweep_summary", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "finetune.outputs.sweep_summary", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no run dirs")
@@ -238,7 +238,7 @@ def test_hydra_multirun_two_points_and_summary(tmp_path):
 
     assert losses(sweep_dir / "1") == losses(tmp_path / "alone")
 
-    proc = subprocess.run([sys.executable, "-m", "finetune.sweep_summary", str(sweep_dir)],
+    proc = subprocess.run([sys.executable, "-m", "finetune.outputs.sweep_summary", str(sweep_dir)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout.splitlines()

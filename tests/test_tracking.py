@@ -186,7 +186,7 @@ def test_resumed_run_continues_the_wandb_run(tmp_path):
 
 # ----------------------------------------------------------------------------------- units
 def test_wandb_mode_auto(monkeypatch, tmp_path):
-    from finetune.trackers.wandb import resolve_mode
+    from finetune.outputs.trackers.wandb import resolve_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -205,8 +205,8 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
 def test_wandb_init_failure_warns_and_training_goes_on(tmp_path, caplog):
     from omegaconf import OmegaConf
 
-    from finetune.config import RunConfig
-    from finetune.trackers.wandb import WandbTracker
+    from finetune.config.schema import RunConfig
+    from finetune.outputs.trackers.wandb import WandbTracker
 
     cfg = OmegaConf.structured(RunConfig)
     blocker = tmp_path / "not-a-dir"
@@ -221,7 +221,7 @@ def test_wandb_init_failure_warns_and_training_goes_on(tmp_path, caplog):
 
 
 def test_secrets_are_not_sent_as_config():
-    from finetune.trackers.wandb import scrub
+    from finetune.outputs.trackers.wandb import scrub
 
     cfg = {"hub": {"token": "hf_x", "repo_id": "me/x"}, "wandb_api_key": "k", "optim": {"lr": 1.0}}
     assert scrub(cfg) == {"hub": {"repo_id": "me/x"}, "optim": {"lr": 1.0}}
@@ -230,7 +230,7 @@ def test_secrets_are_not_sent_as_config():
 def test_report_from_metrics_file(tmp_path):
     from PIL import Image
 
-    from finetune.report import write_report
+    from finetune.outputs.report import write_report
 
     rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 11)]
     rows += [{"step": 5, "eval_loss": 2.7}, {"step": 10, "eval_loss": 2.2}]

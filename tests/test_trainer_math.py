@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from run_helpers import build_trainer, compose
-from finetune.loss import count_targets
-from finetune.optim import build_scheduler, lr_lambda, param_groups
-from finetune.sampler import BatchPlan
+from finetune.tasks.causal_lm import count_targets
+from finetune.train.optim import build_scheduler, lr_lambda, param_groups
+from finetune.train.feed import BatchPlan
 
 
 def _one_step_gradients(tmp_path, name, micro, accum, rows, extra=()):
@@ -43,7 +43,7 @@ def test_naive_mean_of_micro_means_would_differ(tmp_path):
     assert len(set(counts)) > 1  # uneven target counts, or the test proves nothing
     model = trainer.model
     with torch.no_grad():
-        sums = [float(trainer.loss_sum(model, b)) for b in batches]
+        sums = [float(trainer.task.loss_sum(model, b)) for b in batches]
     exact = sum(sums) / sum(counts)
     naive = sum(s / c for s, c in zip(sums, counts)) / len(counts)
     assert abs(exact - naive) > 1e-4
@@ -62,7 +62,7 @@ def test_lr_schedules_with_warmup():
 def test_warmup_ratio_is_used_when_steps_unset():
     cfg = compose(["recipe=lora-llm", "optim.warmup_steps=0", "optim.warmup_ratio=0.1", "optim.scheduler=constant"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(opt, cfg, total_steps=50)  # 5 warmup steps
+    sched = build_scheduler(opt, cfg.optim, total_steps=50)  # 5 warmup steps
     lrs = []
     for _ in range(7):
         lrs.append(sched.get_last_lr()[0])

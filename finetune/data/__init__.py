@@ -9,19 +9,22 @@ it: no collective is involved, so a long tokenisation cannot hit a NCCL/gloo tim
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from finetune.data import formats, sources
+from finetune.data import sources
 from finetune.data.cache import cache_key, cache_root, load_entry, save_entry, wait_for_entry
-from finetune.data.packing import Collator, TokenRows, pack_examples
-from finetune.data.tokenize import (IGNORE, ChatRenderer, Encoded, Stats, chat_segments,
-                                    encode_documents, encode_labelled, encode_segmented)
+from finetune.data.packing import TokenRows, pack_examples
+from finetune.data.records import format_records, read_records, source_format, source_list
+from finetune.data.stream_sources import Mixture
+from finetune.data.streaming import StreamingRows, encode_chunk
+from finetune.data.tokenize import Encoded, Stats
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,114 +38,6 @@ class PreparedData:
     label_names: list[str] | None
     cache_dir: Path
     cache_hit: bool
-    seconds: float
-
-    def collator(self, pad_id: int, packed: bool, pad_to: int | None = None) -> Collator:
-        return Collator(pad_id, packed, pad_to)
-
-
-CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
-
-
-def source_list(data: DictConfig) -> list:
-    """``data.sources`` when set, else the single source ``data.path`` (weight 1)."""
-    if data.sources:
-        return list(data.sources)
-    return [OmegaConf.create({"path": data.path, "name": data.name, "split": data.split,
-                              "revision": data.revision, "weight": 1.0, "format": None})]
-
-
-def source_format(data: DictConfig, src) -> str:
-    """A mixture source may use another chat format (alpaca + sharegpt, ...); nothing else mixes."""
-    fmt = src.get("format") or data.format
-    if fmt != data.format and not (fmt in CHAT_FORMATS and data.format in CHAT_FORMATS):
-        raise DataError(f"data.sources: {src.path!r} has format={fmt} but data.format={data.format}; "
-                        f"only the chat formats ({', '.join(CHAT_FORMATS)}) can be mixed")
-    return fmt
-
-
-def _records(cfg: DictConfig, split: str | None = None):
-    """(record, format) pairs of every source, mixture weights applied (see :func:`_weighted`)."""
-    data = cfg.data
-    for index, src in enumerate(source_list(data)):
-        fmt = source_format(data, src)
-        records = list(sources.read_source(src.path, name=src.name, split=split or src.split,
-                                           revision=src.revision, text_column=data.columns.text))
-        for rec in _weighted(records, float(src.weight), [cfg.seed, index]):
-            yield rec, fmt
-
-
-def _weighted(records: list, weight: float, seed: list[int]):
-    """Mixture semantics (map-style data): a source contributes ``round(weight * len(source))``
-    records: each record ``int(weight)`` times, plus a seeded sample without replacement of the
-    fractional part (weight 0.5 = a random half, 2.5 = everything twice plus a random half),
-    seeded with ``[seed, source index]``.
-    The trainer shuffles rows, so the order of sources does not matter."""
-    if weight == 1.0:
-        return records
-    if weight < 0:
-        raise DataError(f"data.sources weight={weight} must be >= 0")
-    whole, frac = int(weight), weight - int(weight)
-    rng = np.random.default_rng(seed)
-    extra = rng.choice(len(records), size=int(round(frac * len(records))), replace=False)
-    return records * whole + [records[i] for i in sorted(extra)]
-
-
-def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
-    """Format every (record, format) pair; a bad one ends the run (default) or is skipped and counted."""
-    data = cfg.data
-    specs: dict[str, formats.FormatSpec] = {}
-    out = []
-    for rec, fmt in pairs:
-        spec = specs.get(fmt) or specs.setdefault(fmt, formats.FormatSpec.from_config(data, fmt))
-        stats.read += 1
-        try:
-            if isinstance(rec.row, dict) and "__error__" in rec.row:
-                raise formats.BadExample(rec.row["__error__"])
-            out.append(formats.format_record(rec.row, spec))
-        except formats.BadExample as exc:
-            if data.on_bad_example == "error":
-                raise DataError(f"{rec.origin}: {exc} (data.format={fmt}); fix the row or set "
-                                "data.on_bad_example=skip to skip and count bad rows") from None
-            stats.skipped_bad += 1
-            if len(stats.bad_examples) < 5:
-                stats.bad_examples.append(f"{rec.origin}: {exc}")
-    return out
-
-
-def _format_all(cfg: DictConfig, records, stats: Stats) -> list:
-    """Format plain records (all in ``data.format``)."""
-    fmt = cfg.data.format
-    return format_records(cfg, ((rec, fmt) for rec in records), stats)
-
-
-def _encode(cfg: DictConfig, tokenizer, items: list, stats: Stats, label_names=None):
-    data, fmt = cfg.data, cfg.data.format
-    if fmt in CHAT_FORMATS:
-        if not tokenizer.chat_template:
-            raise DataError(f"data.format={fmt} needs a chat template but the tokenizer of "
-                            f"{cfg.model.name_or_path!r} has none; set model.chat_template")
-        render = ChatRenderer(tokenizer)
-        segmented = [chat_segments(render, m, data.train_on_prompt) for m in items]
-        ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
-        return Encoded.from_lists(ids, labels), None
-    if fmt == "prompt_completion":
-        segmented = [[(p, data.train_on_prompt), (c, True)] if p else [(c, True)] for p, c in items]
-        ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
-        return Encoded.from_lists(ids, labels), None
-    if fmt == "text":
-        ids, labels = encode_documents(tokenizer, items, data.max_seq_len, stats)
-        return Encoded.from_lists(ids, labels), None
-    texts = [t for t, _ in items]
-    names = label_names or list(data.labels) or sorted({lab for _, lab in items})
-    index = {n: i for i, n in enumerate(names)}
-    unknown = sorted({lab for _, lab in items if lab not in index})
-    if unknown:
-        raise DataError(f"labels {unknown[:5]} are not among data.labels={names}; "
-                        "add them to data.labels or fix the data")
-    ids, kept = encode_labelled(tokenizer, texts, data.max_seq_len, data.overlong, stats)
-    class_labels = [index[items[i][1]] for i in kept]
-    return Encoded.from_lists(ids, [[-100] * len(x) for x in ids], class_labels), names
 
 
 def _subset(enc: Encoded, idx: np.ndarray) -> Encoded:
@@ -152,9 +47,8 @@ def _subset(enc: Encoded, idx: np.ndarray) -> Encoded:
     return Encoded.from_lists(ids, labels, cl)
 
 
-def _counts(enc: Encoded, cfg: DictConfig) -> dict:
-    targets = len(enc) if cfg.data.format == "classification" else int((enc.labels != IGNORE).sum())
-    return {"kept": len(enc), "tokens": len(enc.ids), "target_tokens": targets}
+def _counts(enc: Encoded, task) -> dict:
+    return {"kept": len(enc), "tokens": len(enc.ids), "target_tokens": task.target_count(enc)}
 
 
 def _holdout(cfg: DictConfig, enc: Encoded) -> tuple[Encoded, Encoded | None]:
@@ -169,29 +63,29 @@ def _holdout(cfg: DictConfig, enc: Encoded) -> tuple[Encoded, Encoded | None]:
     return _subset(enc, np.sort(perm[n_eval:])), _subset(enc, np.sort(perm[:n_eval]))
 
 
-def build_eval_split(cfg: DictConfig, tokenizer, label_names) -> tuple[Encoded, dict]:
+def build_eval_split(cfg: DictConfig, tokenizer, task, label_names) -> tuple[Encoded, dict]:
     """The named eval split (``data.eval_split``: a split name or a local file/glob), encoded."""
     files = sources.eval_files(cfg.data.path, cfg.data.eval_split)
     eval_stats = Stats()
     pairs = (((r, cfg.data.format) for r in sources.read_local(files, cfg.data.columns.text))
-             if files else _records(cfg, split=cfg.data.eval_split))
+             if files else read_records(cfg, split=cfg.data.eval_split))
     eval_items = format_records(cfg, pairs, eval_stats)
-    eval_enc, _ = _encode(cfg, tokenizer, eval_items, eval_stats, label_names)
+    eval_enc, _ = task.encode(tokenizer, eval_items, eval_stats, label_names)
     return eval_enc, eval_stats.as_dict()
 
 
-def _build(cfg: DictConfig, tokenizer) -> tuple[dict, dict]:
+def _build(cfg: DictConfig, tokenizer, task) -> tuple[dict, dict]:
     stats = Stats()
-    train_items = format_records(cfg, _records(cfg), stats)
-    train, names = _encode(cfg, tokenizer, train_items, stats)
+    train_items = format_records(cfg, read_records(cfg), stats)
+    train, names = task.encode(tokenizer, train_items, stats, None)
     if cfg.data.eval_split:
-        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, names)
+        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, task, names)
     else:
         train, eval_enc = _holdout(cfg, train)
         stats_eval = {"kept": 0, "held_out_from_train": True}
         if eval_enc is not None:  # the counts so far cover train + held-out eval: split them
-            stats_eval.update(_counts(eval_enc, cfg))
-            stats.kept, stats.tokens, stats.target_tokens = _counts(train, cfg).values()
+            stats_eval.update(_counts(eval_enc, task))
+            stats.kept, stats.tokens, stats.target_tokens = _counts(train, task).values()
     if len(train) == 0:
         raise DataError(f"data.path={cfg.data.path!r}: no training examples left after formatting "
                         f"and length filtering ({stats.as_dict()}); check the data and data.max_seq_len")
@@ -210,13 +104,8 @@ def _rows(enc: Encoded | None, cfg: DictConfig) -> tuple[TokenRows | None, dict]
     return TokenRows(enc, bins), {"rows": len(bins), "packing_efficiency": real / (len(bins) * cfg.data.max_seq_len)}
 
 
-def _prepare_streaming(cfg: DictConfig, tokenizer, key: str, t0: float) -> PreparedData:
+def _prepare_streaming(cfg: DictConfig, tokenizer, task, key: str, t0: float) -> PreparedData:
     """``data.streaming=true``: a :class:`StreamingRows` for train, eval materialised (see streaming.py)."""
-    import itertools
-
-    from finetune.data.stream_sources import Mixture
-    from finetune.data.streaming import StreamingRows, encode_chunk
-
     data = cfg.data
     srcs = source_list(data)
     fmts = [source_format(data, s) for s in srcs]
@@ -226,7 +115,7 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, key: str, t0: float) -> Prepa
                         "[...] (the label set cannot be inferred from a stream)")
     eval_enc, stats_eval, start = None, {}, None
     if data.eval_split:
-        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, names)
+        eval_enc, stats_eval = build_eval_split(cfg, tokenizer, task, names)
     elif data.eval_size:
         if data.eval_size < 1:
             raise DataError(f"data.eval_size={data.eval_size} is a fraction, but a stream's size is "
@@ -235,31 +124,35 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, key: str, t0: float) -> Prepa
         mixture = Mixture(srcs, fmts, data.columns.text, [cfg.seed, 0])
         pairs = list(itertools.islice(iter(mixture), int(data.eval_size)))
         held = Stats()
-        examples = encode_chunk(cfg, tokenizer, pairs, held, names)
+        examples = encode_chunk(cfg, tokenizer, task, pairs, held, names)
         if examples:
             eval_enc = Encoded.from_lists([e[0] for e in examples], [e[1] for e in examples],
                                           None if names is None else [e[2] for e in examples])
         stats_eval = {**held.as_dict(), "held_out_from_train": True}
         start = mixture.position
-    train = StreamingRows(cfg, tokenizer, srcs, fmts, start, names)
+    train = StreamingRows(cfg, tokenizer, task, srcs, fmts, start, names)
     evals, pack_eval = _rows(eval_enc, cfg)
     stats = {"train": train.report(), "eval": stats_eval,
              "cache": {"hit": False, "seconds": time.perf_counter() - t0, "streaming": True}}
     if pack_eval:
         stats["eval"]["packing"] = pack_eval
-    return PreparedData(train, evals, stats, names, cache_root(cfg) / f"stream-{key}", False,
-                        time.perf_counter() - t0)
+    return PreparedData(train, evals, stats, names, cache_root(cfg) / f"stream-{key}", False)
 
 
-def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedData:
-    """Load (or build and cache) the run's datasets. ``build=False``: wait for another process.
+def prepare_data(cfg: DictConfig, tokenizer, task=None, *, build: bool = True) -> PreparedData:
+    """Load (or build and cache) the run's datasets for ``task`` (how records become rows; default
+    the config's ``model.task``). ``build=False``: wait for another process to build them.
 
     With ``data.streaming=true`` nothing is cached: every process streams (see streaming.py).
     """
+    if task is None:
+        from finetune.tasks import get_task
+
+        task = get_task(cfg)
     t0 = time.perf_counter()
     key = cache_key(cfg, tokenizer)
     if cfg.data.streaming:
-        return _prepare_streaming(cfg, tokenizer, key, t0)
+        return _prepare_streaming(cfg, tokenizer, task, key, t0)
     path = cache_root(cfg) / key
     failed = path.with_name(f"{key}.failed")
     hit = (path / "meta.json").exists()
@@ -267,7 +160,7 @@ def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedD
         if build:
             failed.unlink(missing_ok=True)
             try:
-                arrays, meta = _build(cfg, tokenizer)
+                arrays, meta = _build(cfg, tokenizer, task)
             except Exception as exc:
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -289,4 +182,4 @@ def prepare_data(cfg: DictConfig, tokenizer, *, build: bool = True) -> PreparedD
         log.info("data cache hit %s: loaded in %.2fs, %.1fs of preprocessing saved", path, seconds, saved)
     else:
         stats["cache"] = {"hit": False, "seconds": seconds}
-    return PreparedData(train, evals, stats, meta.get("label_names"), path, hit, seconds)
+    return PreparedData(train, evals, stats, meta.get("label_names"), path, hit)

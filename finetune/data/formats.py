@@ -48,13 +48,7 @@ def format_record(row, spec: FormatSpec):
     """One raw row -> what ``spec.format`` yields (see the module docstring)."""
     if not isinstance(row, dict):
         raise BadExample(f"expected an object with fields, got {type(row).__name__}")
-    if spec.format in ("alpaca", "messages", "sharegpt"):
-        return to_chat(row, spec.format, spec)
-    if spec.format == "prompt_completion":
-        return to_completion(row, spec)
-    if spec.format == "text":
-        return to_text(row, spec)
-    return to_labelled(row, spec)
+    return FORMATS[spec.format](row, spec)
 
 
 def _field(row: dict, column: str, key: str, *, allow_empty: bool = False) -> str:
@@ -98,8 +92,8 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
-def to_chat(row: dict, fmt: str, data: FormatSpec) -> list[dict]:
-    cols = data.columns
+def to_chat(row: dict, data: FormatSpec) -> list[dict]:
+    cols, fmt = data.columns, data.format
     if fmt == "alpaca":
         instruction = _field(row, cols.instruction, "instruction")
         extra = _optional(row, cols.input)
@@ -147,3 +141,9 @@ def to_labelled(row: dict, data: FormatSpec) -> tuple[str, str]:
     if cols.label not in row or row[cols.label] is None:
         raise BadExample(f"missing field {cols.label!r} (data.columns.label={cols.label})")
     return text, str(row[cols.label])
+
+
+# data.format -> the function that formats one row (the valid choices of data.format).
+FORMATS = {"alpaca": to_chat, "messages": to_chat, "sharegpt": to_chat,
+           "prompt_completion": to_completion, "text": to_text, "classification": to_labelled}
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt")  # formats that can be mixed in data.sources

@@ -53,6 +53,18 @@ def pack_examples(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+def split_step(step_rows, rank: int, world_size: int, micro_batch_size: int, grad_accum: int) -> list:
+    """This rank's ``grad_accum`` micro-batches of one optimizer step's rows.
+
+    Micro-batch ``m`` of rank ``r`` takes rows ``[(m * world_size + r) * mbs, ... + mbs)``: the step
+    trains the same rows for any split into ranks x micro-batches x accumulation."""
+    out = []
+    for m in range(grad_accum):
+        base = (m * world_size + rank) * micro_batch_size
+        out.append(step_rows[base:base + micro_batch_size])
+    return out
+
+
 class TokenRows(torch.utils.data.Dataset):
     """Map-style dataset of rows: one example each, or a packed group of examples."""
 

@@ -14,7 +14,8 @@ How the trainer uses it (``prepared.train`` is a :class:`StreamingRows`)::
     rows.load_state_dict(state) # on resume, before the first micro_batches() call
 
 Every rank reads the same stream and takes its slice of each step's
-``world_size * micro_batch_size * grad_accum`` rows (the split of ``BatchPlan.micro_batches``), so
+``world_size * micro_batch_size * grad_accum`` rows (:func:`finetune.data.packing.split_step`, as
+for map-style data), so
 the position is the same on every rank. ``state_dict(step)`` is the position after ``step``
 optimizer steps (the last two drawn are kept): source positions, the mixture's random state, the examples waiting in
 the packing buffer and the rows packed but not yet emitted. A resumed run therefore sees exactly
@@ -34,7 +35,8 @@ import itertools
 import numpy as np
 from omegaconf import DictConfig
 
-from finetune.data.packing import pack_examples
+from finetune.data.packing import pack_examples, split_step
+from finetune.data.records import format_records
 from finetune.data.stream_sources import Mixture
 from finetune.data.tokenize import Stats
 from finetune.errors import DataError
@@ -42,14 +44,12 @@ from finetune.errors import DataError
 CHUNK = 256  # records formatted + tokenised per batch call
 
 
-def encode_chunk(cfg: DictConfig, tokenizer, pairs: list, stats: Stats, label_names) -> list:
+def encode_chunk(cfg: DictConfig, tokenizer, task, pairs: list, stats: Stats, label_names) -> list:
     """(record, format) pairs -> examples ``(ids, labels, class_label)``; bad rows per data.on_bad_example."""
-    from finetune.data import _encode, format_records
-
     items = format_records(cfg, pairs, stats)
     if not items:
         return []
-    enc, _ = _encode(cfg, tokenizer, items, stats, label_names)
+    enc, _ = task.encode(tokenizer, items, stats, label_names)
     out = []
     for i in range(len(enc)):
         ids, labels = enc.example(i)
@@ -61,9 +61,9 @@ def encode_chunk(cfg: DictConfig, tokenizer, pairs: list, stats: Stats, label_na
 class StreamingRows:
     """Rows of a streamed dataset, packed (or not) on the fly, with an exact resume position."""
 
-    def __init__(self, cfg: DictConfig, tokenizer, srcs: list, formats: list[str],
+    def __init__(self, cfg: DictConfig, tokenizer, task, srcs: list, formats: list[str],
                  start: dict | None, label_names: list[str] | None = None):
-        self.cfg, self.tokenizer, self.srcs, self.formats = cfg, tokenizer, srcs, formats
+        self.cfg, self.tokenizer, self.task, self.srcs, self.formats = cfg, tokenizer, task, srcs, formats
         self.label_names = label_names
         self.capacity = cfg.data.max_seq_len
         self.packing = bool(cfg.data.packing)
@@ -93,7 +93,8 @@ class StreamingRows:
             pairs = list(itertools.islice(self.records, CHUNK))
             self.exhausted = len(pairs) < CHUNK
             self.pending += [[*ex, False] for ex in
-                             encode_chunk(self.cfg, self.tokenizer, pairs, self.stats, self.label_names)]
+                             encode_chunk(self.cfg, self.tokenizer, self.task, pairs, self.stats,
+                                          self.label_names)]
         if not self.packing:
             self.ready += [[ex] for ex in self.pending]
             self.pending = []
@@ -140,16 +141,14 @@ class StreamingRows:
     def micro_batches(self, rank: int, world_size: int, micro_batch_size: int, grad_accum: int,
                       collate):
         """This rank's micro-batches, ``grad_accum`` per optimizer step, without end."""
-        mb = micro_batch_size
         while True:
             self._snapshots.setdefault(self.steps_drawn, self._capture())
-            step_rows = [self._next_row() for _ in range(world_size * mb * grad_accum)]
+            step_rows = [self._next_row() for _ in range(world_size * micro_batch_size * grad_accum)]
             self.steps_drawn += 1
             self._snapshots = {self.steps_drawn - 1: self._snapshots[self.steps_drawn - 1],
                                self.steps_drawn: self._capture()}
-            for m in range(grad_accum):
-                base = m * world_size * mb + rank * mb
-                yield collate([self.as_row(r) for r in step_rows[base:base + mb]])
+            for rows in split_step(step_rows, rank, world_size, micro_batch_size, grad_accum):
+                yield collate([self.as_row(r) for r in rows])
 
     # ---------------------------------------------------------------- position
     def _capture(self) -> dict:
@@ -189,7 +188,3 @@ class StreamingRows:
         if self.packing and self.rows_emitted:
             out["packing_efficiency"] = self.row_tokens / (self.rows_emitted * self.capacity)
         return out
-
-    def __len__(self) -> int:
-        """Rows emitted so far (a stream has no length up front; reports print this)."""
-        return self.rows_emitted

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 
 from distributed_runs import REPO
 from finetune.config import register_configs, validate
-from finetune.strategies import get_strategy
+from finetune.distributed.strategy import get_strategy
 
 
 def strategy_for(overrides: list[str]):

@@ -73,7 +73,7 @@ def test_bf16_training_tiny_model(tmp_path):
 def test_packed_sdpa_matches_unpacked_and_flash():
     """Packed rows (position ids, no mask) isolate examples under sdpa, and flash agrees."""
     from finetune.data.packing import Collator, TokenRows
-    from finetune.loss import causal_lm_loss_sum
+    from finetune.tasks.causal_lm import causal_lm_loss_sum
 
     enc, batch = packed_batch()
     sdpa = tiny_llama("sdpa")
@@ -97,8 +97,8 @@ def test_packed_sdpa_matches_unpacked_and_flash():
 def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch):
     """sdpa + packing on GPU runs torch's varlen flash kernel (finetune/attention.py): same loss and
     gradients as transformers' sdpa over the block-diagonal mask, both measured against fp32."""
-    from finetune import attention
-    from finetune.loss import causal_lm_loss_sum
+    from finetune.model import attention
+    from finetune.tasks.causal_lm import causal_lm_loss_sum
 
     if attention._varlen_kernel(torch.device("cuda")) is None:
         pytest.skip("this torch or GPU has no torch.nn.attention.varlen flash kernel")
@@ -128,8 +128,8 @@ def test_packed_varlen_attention_matches_sdpa_in_loss_and_gradients(monkeypatch)
 
 def test_chunked_head_and_loss_match_the_plain_path_in_bf16():
     """finetune/linear_cross_entropy.py on GPU in bf16: loss and gradients as the plain logits path."""
-    from finetune.linear_cross_entropy import plain_lm_head
-    from finetune.loss import causal_lm_loss_sum
+    from finetune.model.linear_cross_entropy import plain_lm_head
+    from finetune.tasks.causal_lm import causal_lm_loss_sum
 
     _, batch = packed_batch()
     model = tiny_llama("sdpa").train()
@@ -150,7 +150,7 @@ def test_chunked_head_and_loss_match_the_plain_path_in_bf16():
 def test_qlora_4bit_load_and_train(tmp_path):
     """recipe=qlora-llm loads a local model in 4-bit (bitsandbytes) and trains a few steps."""
     pytest.importorskip("bitsandbytes")
-    from finetune.builtin import tiny_chat_tokenizer
+    from finetune.model.builtin import tiny_chat_tokenizer
 
     model = tiny_llama("sdpa", dtype=torch.float32).cpu()
     tok = tiny_chat_tokenizer()

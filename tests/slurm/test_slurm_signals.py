@@ -1,7 +1,7 @@
 """The sbatch scripts' preemption path with the real launcher and a tiny worker (no trainer).
 
 `slurm/train.sbatch` runs `$FINETUNE_PYTHON -m finetune ...`; FINETUNE_PYTHON here is a small
-script that calls the real `finetune.launch.launch` with a worker that counts the signals it
+script that calls the real `finetune.distributed.launch.launch` with a worker that counts the signals it
 gets. This pins down the delivery chain: SLURM -> batch shell trap -> srun -> slurmstepd ->
 every process of the step exactly once (the launcher must not forward again inside SLURM),
 then exit 75 -> `scontrol requeue` -> the job runs again.
@@ -24,7 +24,7 @@ FAKE_PYTHON = textwrap.dedent(f"""\
     #!{sys.executable}
     import os, sys
     sys.path.insert(0, {str(REPO)!r})
-    from finetune.launch import launch
+    from finetune.distributed.launch import launch
     args = sys.argv[3:]  # after "-m finetune"
     kv = dict(a.split("=", 1) for a in args)
     n = int(kv["launcher.nproc_per_node"])

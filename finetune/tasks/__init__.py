@@ -1,0 +1,107 @@
+"""Tasks: everything that differs between training a chat model, a classifier, a reward model...
+
+A :class:`Task` owns what is task-specific, so that the training loop never asks which task it
+runs: the model class to build (and its arguments), how formatted records become training rows
+(tokenise, masks), the collator, the loss *sum* and what counts as a target (its normaliser), the
+eval metrics, what is written at each eval (samples), and the config rules of the task. The loop
+divides the summed loss by the targets of the whole optimizer step, so every task gets exact
+gradient accumulation and DDP for free.
+
+Adding a task: a module with a ``Task`` subclass, an entry in :data:`TASKS` (or, without editing
+finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods are called in this
+order: ``check_config`` (with the whole config, before anything is built) -> ``encode`` /
+``target_count`` (data preparation, cached) -> ``auto_model_class`` / ``model_kwargs`` /
+``after_load`` (model) -> ``setup`` (the run's device is known) -> per step ``collator`` rows ->
+``loss_sum`` / ``count_targets`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from finetune.registry import Registry
+
+TASKS = Registry("model.task", {
+    "causal-lm": "finetune.tasks.causal_lm:CausalLMTask",
+    "sequence-classification": "finetune.tasks.classification:SequenceClassificationTask",
+})
+
+
+class Task:
+    """Interface and defaults; see the module docstring for the call order."""
+
+    name = ""
+    formats: tuple[str, ...] = ()  # the data.format values this task trains on
+    packs = False  # whether data.packing=true is possible
+    needs_eos = False  # the tokenizer must have an EOS token (generation has to stop)
+    peft_task_type = "CAUSAL_LM"  # peft.TaskType value for LoRA
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    # -------------------------------------------------------------- config
+    def check_config(self, cfg: DictConfig) -> list[str]:
+        """Problems of this config for the task, one line each (collected with all the others)."""
+        problems = []
+        if cfg.data.format not in self.formats:
+            problems.append(f"model.task={cfg.model.task} does not fit data.format={cfg.data.format}: "
+                            f"it trains on data.format={' | '.join(self.formats)}")
+        if cfg.data.packing and not self.packs:
+            problems.append(f"data.packing=true is not available for model.task={cfg.model.task}; "
+                            "set data.packing=false")
+        return problems
+
+    # --------------------------------------------------------------- model
+    def auto_model_class(self):
+        raise NotImplementedError
+
+    def model_kwargs(self, cfg: DictConfig, label_names: list[str] | None) -> dict:
+        """Extra ``from_pretrained`` / config arguments (e.g. the number of labels)."""
+        return {}
+
+    def after_load(self, model, tokenizer) -> None:
+        """Adjust a loaded pretrained model (e.g. its pad token id)."""
+
+    def setup(self, device_type: str) -> None:
+        """Called once the run's device is known (e.g. to pick a loss implementation)."""
+
+    # ---------------------------------------------------------------- data
+    def encode(self, tokenizer, items: list, stats, label_names: list[str] | None):
+        """Formatted records -> (:class:`finetune.data.tokenize.Encoded`, label names or None)."""
+        raise NotImplementedError
+
+    def target_count(self, encoded) -> int:
+        """Targets of an encoded split (data_stats.json)."""
+        from finetune.data.tokenize import IGNORE
+
+        return int((encoded.labels != IGNORE).sum())
+
+    def collator(self, tokenizer, pad_to: int | None = None):
+        from finetune.data.packing import Collator
+
+        return Collator(tokenizer.pad_token_id, bool(self.cfg.data.packing), pad_to)
+
+    # ---------------------------------------------------------------- loss
+    def loss_sum(self, model, batch: dict):
+        """The batch's loss summed over its targets (never a mean: the loop normalises)."""
+        raise NotImplementedError
+
+    def count_targets(self, batch: dict) -> int:
+        """Targets in a host-side batch: what the step's loss is normalised by."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- eval
+    def eval_sums(self, model, batch: dict) -> tuple:
+        """(loss sum, {metric: sum over the batch}) for one eval batch."""
+        return self.loss_sum(model, batch), {}
+
+    def eval_metrics(self, sums: dict, count: float) -> dict:
+        """The eval row's extra fields from the summed metrics and the target count."""
+        return {}
+
+    def on_eval(self, trainer) -> None:
+        """Main process, after each eval (e.g. greedy samples to samples.jsonl)."""
+
+
+def get_task(cfg: DictConfig) -> Task:
+    return TASKS.get(cfg.model.task)(cfg)

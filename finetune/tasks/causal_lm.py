@@ -1,0 +1,142 @@
+"""Causal-LM supervised fine-tuning: the task, and where its loss is computed.
+
+The loss is a SUM over targets, never a mean: the trainer divides by
+the number of targets in the whole optimizer step (all micro-batches, all ranks), which is what
+makes N micro-batches x accumulation equal to one big batch, with uneven lengths too.
+
+The causal-LM path asks the model for logits only at positions that have a target
+(``logits_to_keep`` as a boolean mask): prompt tokens (label -100) need no LM-head projection
+and no cross-entropy, the largest single cost with a big vocabulary. Where the architecture
+allows (finetune/model/linear_cross_entropy.py), the head and the cross-entropy then run in chunks that
+keep no logits. The loss is the same as the full-logits path (tested).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from finetune.data.formats import CHAT_FORMATS
+from finetune.data.tokenize import (IGNORE, ChatRenderer, Encoded, Stats, chat_segments,
+                                    encode_documents, encode_segmented)
+from finetune.errors import DataError
+from finetune.model.linear_cross_entropy import (head_passes_hidden_states, linear_cross_entropy_sum,
+                                                 plain_lm_head)
+from finetune.tasks import Task
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[:, t] = labels[:, t + 1]: the token each position predicts (-100 = none)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def causal_lm_loss_sum(model, batch: dict, chunked: bool = True) -> torch.Tensor:
+    targets = shifted_targets(batch["labels"])
+    keep = targets != IGNORE
+    head = plain_lm_head(model) if chunked else None
+    if head is not None:
+        with head_passes_hidden_states(head):
+            hidden = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
+        return linear_cross_entropy_sum(hidden, head.weight, targets[keep])
+    out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
+    logits = out.logits  # (num_targets, vocab): flattened by the boolean mask
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss
+
+
+def causal_lm_loss_sum_full(model, batch: dict) -> torch.Tensor:
+    """Reference path (all logits); used by tests to check the fast path."""
+    targets = shifted_targets(batch["labels"])
+    out = model(**model_inputs(batch), use_cache=False)
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss
+
+
+def count_targets(batch: dict) -> int:
+    """Targets in a (host-side) batch: what the step's loss is normalised by."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class CausalLMTask(Task):
+    """Supervised fine-tuning of a causal LM: chats (alpaca / messages / sharegpt, through the
+    tokenizer's chat template, loss on the assistant turns), prompt/completion pairs, or raw text
+    (continued pretraining). ``final/``: the adapter or full model + tokenizer; samples.jsonl:
+    greedy completions of the first ``trainer.sample_prompts`` eval prompts at each eval."""
+
+    name = "causal-lm"
+    formats = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+    packs = True
+    needs_eos = True
+    peft_task_type = "CAUSAL_LM"
+    chunked = True
+
+    def auto_model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def setup(self, device_type: str) -> None:
+        # trainer.chunked_loss=auto: on for CPU, off on CUDA (finetune/config/schema.py says why).
+        self.chunked = {"on": True, "off": False}.get(self.cfg.trainer.chunked_loss, device_type != "cuda")
+
+    def encode(self, tokenizer, items: list, stats: Stats, label_names=None):
+        data = self.cfg.data
+        if data.format in CHAT_FORMATS:
+            if not tokenizer.chat_template:
+                raise DataError(f"data.format={data.format} needs a chat template but the tokenizer of "
+                                f"{self.cfg.model.name_or_path!r} has none; set model.chat_template")
+            render = ChatRenderer(tokenizer)
+            segmented = [chat_segments(render, m, data.train_on_prompt) for m in items]
+        elif data.format == "prompt_completion":
+            segmented = [[(p, data.train_on_prompt), (c, True)] if p else [(c, True)] for p, c in items]
+        else:  # text: documents cut into max_seq_len chunks
+            ids, labels = encode_documents(tokenizer, items, data.max_seq_len, stats)
+            return Encoded.from_lists(ids, labels), None
+        ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
+        return Encoded.from_lists(ids, labels), None
+
+    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        return causal_lm_loss_sum(model, batch, self.chunked)
+
+    def count_targets(self, batch: dict) -> int:
+        return count_targets(batch)
+
+    def on_eval(self, trainer) -> None:
+        if self.cfg.trainer.sample_prompts:
+            generate_samples(trainer, self.cfg.trainer.sample_prompts)
+
+
+@torch.no_grad()
+def generate_samples(trainer, n: int) -> None:
+    """Greedy completions of the first ``n`` eval prompts, appended to ``samples.jsonl``."""
+    data = trainer.data.eval
+    if data is None or not trainer.strategy.can_generate_on_main():
+        return  # sharded weights: generation would need every rank
+    model = trainer.acc.unwrap_model(trainer.model)
+    tok = trainer.tokenizer
+    model.eval()
+    rows = []
+    for i in range(min(n, len(data))):
+        ex = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
+        ids, labels = ex
+        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
+        prompt = torch.as_tensor(ids[:first_target], dtype=torch.long, device=trainer.acc.device)[None]
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=trainer.cfg.trainer.sample_max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        rows.append({"step": trainer.state.step, "prompt": tok.decode(prompt[0]),
+                     "completion": tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
+                     "reference": tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=True)})
+    model.train()
+    with (trainer.run_dir / "samples.jsonl").open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")

@@ -1,0 +1,42 @@
+"""Where a run writes: ``output_dir``, or a fresh ``runs/<recipe>-<time>`` chosen once by rank 0."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def default_run_dir(recipe: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{recipe}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
+    """``output_dir`` or a fresh ``runs/<recipe>-<time>``; chosen by rank 0, the same on every rank
+    (each rank's clock would name another directory)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.distributed import broadcast_str
+
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    chosen = None
+    if accelerator is None or accelerator.is_main_process:
+        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+            chosen = HydraConfig.get().runtime.output_dir
+        elif os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            # A W&B sweep trial (`wandb agent` sets both): one dir per trial, one parent per sweep.
+            chosen = f"runs/sweep-{os.environ['WANDB_SWEEP_ID'].split('/')[-1]}/{os.environ['WANDB_RUN_ID']}"
+        else:
+            chosen = str(default_run_dir(cfg.recipe))
+    if accelerator is not None:
+        chosen = broadcast_str(accelerator, chosen)
+    return Path(chosen).resolve()

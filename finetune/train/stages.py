@@ -1,0 +1,84 @@
+"""The stages a run can execute: train, preprocess (data only), export (merge an adapter)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_train(cfg: DictConfig) -> int:
+    from finetune.distributed import check_world
+    from finetune.distributed.strategy import get_strategy
+    from finetune.model.load import check_environment
+    from finetune.train.loop import Trainer
+    from finetune.train.run_dir import resolve_run_dir
+
+    check_world(cfg)
+    check_environment(cfg)
+    strategy = get_strategy(cfg)
+    accelerator = strategy.build_accelerator()
+    run_dir = resolve_run_dir(cfg, accelerator)
+    OmegaConf.set_struct(cfg, False)
+    cfg.output_dir = str(run_dir)
+    OmegaConf.set_struct(cfg, True)
+    trainer = Trainer(cfg, accelerator, run_dir, strategy)
+    trainer.setup()
+    code = None
+    try:
+        code = trainer.train()
+    finally:
+        trainer.emit("on_run_end", code)  # report, export, Hub after a finished run (callbacks.py)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    reset_accelerate_state()
+    return code
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so the next Hydra multirun job in this same
+    process builds its Accelerator from its own config (not the previous job's)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_preprocess(cfg: DictConfig) -> int:
+    from finetune.data import prepare_data
+    from finetune.model.load import load_tokenizer
+    from finetune.tasks import get_task
+
+    task = get_task(cfg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    data = prepare_data(cfg, load_tokenizer(cfg, task), task, build=local_rank == 0)
+    log.info("data cache: %s (%s)", data.cache_dir, "hit" if data.cache_hit else "built")
+    log.info(json.dumps(data.stats, indent=1))
+    return 0
+
+
+def run_export(cfg: DictConfig) -> int:
+    from finetune.outputs.export import merge_and_export
+
+    if not cfg.export.adapter_dir and not cfg.output_dir:
+        raise ConfigError("stage=export needs export.adapter_dir=<dir with the adapter> or "
+                          "output_dir=<run dir> (its final/ is merged)")
+    adapter = Path(cfg.export.adapter_dir or Path(cfg.output_dir) / "final")
+    out = Path(cfg.export.out_dir or adapter.parent / "merged")
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"stage=export: {adapter} has no adapter_config.json; point "
+                          "export.adapter_dir at a LoRA run's final/ directory")
+    path = merge_and_export(adapter, out, dtype=cfg.export.dtype,
+                            max_shard_size=cfg.export.max_shard_size, task=cfg.model.task)
+    log.info("merged model written to %s", path)
+    return 0
+
+
+STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export}
