@@ -70,3 +70,23 @@ def test_flex_attention_on_cpu_fails_early_with_a_clear_message(tmp_path):
     proc = run_cli(["recipe=lora-llm", "model.attn_implementation=flex_attention",
                     f"output_dir={tmp_path / 'run'}"], timeout=300)
     assert_one_line_error(proc, "flex_attention", "CUDA", "model.attn_implementation=sdpa")
+
+
+def test_every_problem_of_an_override_set_is_reported_together(tmp_path):
+    """Three bad overrides (an unknown key, a bad choice, a bad export dtype): three lines, exit 2,
+    before anything is built (export.dtype is checked up front, not after training)."""
+    proc = run_cli(["recipe=lora-llm", "trainer.bogus=1", "data.format=nope", "export.dtype=bogus",
+                    f"output_dir={tmp_path / 'run'}"], timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), proc.stderr
+    text = "\n".join(lines)
+    assert "trainer.bogus" in text and "data.format='nope'" in text and "export.dtype='bogus'" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_dtype_is_refused_before_training(tmp_path):
+    proc = run_cli(["recipe=lora-llm", "export.merge=true", "export.dtype=float8",
+                    f"output_dir={tmp_path / 'run'}"], timeout=120)
+    assert_one_line_error(proc, "export.dtype", "float32, bfloat16, float16")
+    assert not (tmp_path / "run").exists()

@@ -67,3 +67,25 @@ def test_required_model_set_is_covered():
 def test_cross_field_validation_names_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         compose(["recipe=lora-llm", *overrides])
+
+
+def test_built_in_model_settings_do_not_leak_to_a_pretrained_model(tmp_path):
+    """recipe=lora-llm with model.name_or_path=<a local Llama dir>: only LoRA weights train (the
+    built-in tiny Llama's embed_tokens + lm_head default is the built-in's own)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.model.builtin import tiny_chat_tokenizer
+    from run_helpers import build_trainer
+
+    tok = tiny_chat_tokenizer()
+    local = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(local)
+    tok.save_pretrained(local)
+    trainer = build_trainer(["recipe=lora-llm", f"model.name_or_path={local}"], tmp_path / "run")
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), [n for n in trainable if "lora_" not in n]
+    builtin = build_trainer(["recipe=lora-llm"], tmp_path / "builtin")
+    names = [n for n, p in builtin.model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens" in n for n in names) and any("lm_head" in n for n in names)

@@ -28,7 +28,7 @@ PIPELINE_VERSION = "3"  # bump when tokenisation/packing output changes
 
 def cache_key(cfg: DictConfig, tokenizer) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k in ("cache_dir", "num_proc", "packing"):  # packing happens at load time
+    for k in ("cache_dir", "packing"):  # packing happens at load time
         data.pop(k, None)
     srcs = data["sources"] or [{"path": data["path"], "name": data["name"], "split": data["split"],
                                 "revision": data["revision"]}]
