@@ -14,6 +14,7 @@ and exits with the class's status:
 | 5 | a checkpoint cannot be resumed (:class:`ResumeError`) |
 | 6 | Hub set-up or push (:class:`HubPushError`) |
 | 7 | the exported model failed its logits check (:class:`ExportError`) |
+| 9 | the loss or gradients became NaN / inf (``trainer.nonfinite=stop``, :class:`NonFiniteError`) |
 | 75 ``EXIT_PREEMPTED`` | SIGTERM/SIGUSR1: the current step finished, a complete checkpoint was written; requeue with ``resume=auto`` (EX_TEMPFAIL) |
 """
 
@@ -74,3 +75,15 @@ class ExportError(FinetuneError):
     """The merged or exported model does not reproduce the adapter's outputs."""
 
     exit_code = 7
+
+
+class NonFiniteError(FinetuneError):
+    """The loss or the gradients of a step are NaN or inf; the step was not applied."""
+
+    exit_code = 9
+
+
+class PreemptedAtStartup(FinetuneError):
+    """SIGTERM / SIGUSR1 before the first step: nothing trained, nothing to resume."""
+
+    exit_code = EXIT_PREEMPTED

@@ -132,6 +132,10 @@ class TrainerConfig:
     # auto: on for CPU (faster and ~0.7 GB less there), off on GPU, where it measured 8% slower
     # (before a fix of its weight-gradient precision, not re-measured) and ~0.8 GB less.
     chunked_loss: str = "auto"  # auto | on | off
+    # A step whose loss or gradient norm is NaN / inf: stop (exit 9, naming the step, micro-batch
+    # and rows; the last checkpoint stays the newest) or skip_step (no update, counted in
+    # metrics.jsonl as skipped_steps, a warning each time).
+    nonfinite: str = "stop"  # stop | skip_step
     group_by_length: bool = True  # unpacked batches draw similar lengths (less padding)
     # Rows of this many steps are sorted by length together. Larger pads less but makes a step's
     # rows more alike: 50 cost ~10 points of accuracy at lr 2e-3 on MiniLM/emotion (bench/RESULTS.md).

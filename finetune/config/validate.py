@@ -26,6 +26,7 @@ CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.chunked_loss": ("auto", "on", "off"),
+    "trainer.nonfinite": ("stop", "skip_step"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16", "float16"),
 }

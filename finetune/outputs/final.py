@@ -54,6 +54,7 @@ def write_summary(trainer, final_dir: Path) -> dict:
         "best_step": state.best_step,
         "tokens_per_s": (sum(h["tokens_per_s"] for h in losses) / len(losses)) if losses else None,
         "tokens_seen": state.tokens_seen,
+        "skipped_steps": state.skipped_steps,
         "wall_time_s": time.perf_counter() - trainer.run_start,
         "parameters": {"total": total, "trainable": trainable},
         "final_dir": str(final_dir),

@@ -105,6 +105,8 @@ class Metrics(Callback):
                "loss": float(losses.mean()), "lr": trainer.scheduler.get_last_lr()[0],
                "tokens_per_s": self.tokens / elapsed, "samples_per_s": self.rows / elapsed,
                "step_time_s": elapsed / len(self.losses), "tokens_seen": trainer.state.tokens_seen}
+        if trainer.state.skipped_steps:
+            row["skipped_steps"] = trainer.state.skipped_steps  # not applied: NaN / inf (trainer.nonfinite)
         if self.grad_norm is not None:
             row["grad_norm"] = float(self.grad_norm)
         peak = device_peak_flops()

@@ -122,8 +122,11 @@ class MapFeed(Feed):
             loader = iter(torch.utils.data.DataLoader(
                 self.rows, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
                 generator=torch.Generator().manual_seed(self.seed + epoch)))
-            for _ in range(len(batches) // ga):
-                yield [next(loader) for _ in range(ga)]
+            for k in range(len(batches) // ga):
+                micro = [next(loader) for _ in range(ga)]
+                for m, batch in enumerate(micro):  # which rows, for messages about a step
+                    batch["row_ids"] = batches[k * ga + m]
+                yield micro
             epoch, in_epoch = epoch + 1, 0
 
     def num_rows(self) -> int:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import prepare_data
 from finetune.distributed import all_reduce_sum
-from finetune.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from finetune.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError, NonFiniteError, PreemptedAtStartup
 from finetune.model.load import (build_base_model, load_tokenizer, parameter_counts, resolve_dtype,
                                  save_base_for_reload, wrap_peft)
 from finetune.tasks import Task, get_task
@@ -64,6 +64,9 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        # From here on SIGTERM / SIGUSR1 ask for a clean stop (without a handler they would kill
+        # the process mid-write): during start-up it ends the run at the next stage, exit 75.
+        self.preempt = PreemptionHandler().install()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -77,7 +80,9 @@ class Trainer:
         self.task.setup(self.acc.device.type)
         self._setup_data()
         self.emit("on_data_ready")
+        self._stop_if_signalled("the data was prepared")
         self._setup_model()
+        self._stop_if_signalled("the model was built")
         resume_dir = ckpt.find_resume_dir(cfg.resume, self.run_dir)
         if resume_dir is not None:
             ckpt.check_resumable(resume_dir, cfg, self.resume_key())
@@ -128,6 +133,13 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.param_counts = parameter_counts(self.model)
 
+    def _stop_if_signalled(self, when: str) -> None:
+        if self.preempt.requested is not None:
+            self.preempt.uninstall()
+            raise PreemptedAtStartup(f"signal {self.preempt.requested} after {when}, before the first step: "
+                                     "nothing was trained and no checkpoint written; requeue the job "
+                                     "(resume=auto starts afresh)")
+
     # --------------------------------------------------------------- resume
     def resume_key(self) -> ResumeKey:
         return ResumeKey(self.feed.rows_per_step, self.acc.num_processes, self.data.cache_dir.name,
@@ -149,7 +161,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- train
     def train(self) -> int:
-        preempt = PreemptionHandler().install()
+        preempt, start_step = self.preempt, self.state.step
         self.model.train()
         self.run_start = time.perf_counter()
         self.emit("on_train_start")
@@ -160,8 +172,9 @@ class Trainer:
                 targets, tokens, rows, stop = all_reduce_sum(self.acc, [
                     sum(self.task.count_targets(b) for b in micro), sum(b["num_tokens"] for b in micro),
                     sum(len(b["input_ids"]) for b in micro), float(preempt.requested is not None)])
-                if stop:
-                    self.save_checkpoint(reason="preempted")
+                if stop:  # a checkpoint only when this run trained a step (else: nothing new)
+                    if self.state.step > start_step:
+                        self.save_checkpoint(reason="preempted")
                     return EXIT_PREEMPTED
                 loss, grad_norm = self.optimizer_step(micro, targets)
                 self.state.step += 1
@@ -181,24 +194,46 @@ class Trainer:
         acc, model = self.acc, self.model
         scale = acc.num_processes / max(step_targets, 1.0)
         local_loss = torch.zeros((), device=acc.device)
+        self.micro_losses = []  # per micro-batch, on the device: read only if the step is not finite
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             with (nullcontext() if last else acc.no_sync(model)), acc.autocast():
                 loss = self.task.loss_sum(model, self.to_device(batch))
                 acc.backward(loss * scale)
-            local_loss += loss.detach()
-        # Kept on the device: the host reads it only at log steps (no sync every step).
+            self.micro_losses.append(loss.detach())
+            local_loss += self.micro_losses[-1]
+        # Kept on the device: the host reads it only at log steps.
         return local_loss / max(step_targets, 1.0)
 
     def optimizer_step(self, micro: list[dict], step_targets: float):
         step_loss = self.accumulate_gradients(micro, step_targets)
-        grad_norm = None
-        if self.cfg.optim.max_grad_norm > 0:
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
+        # The norm of the synchronised gradients is the same on every rank, so every rank takes
+        # the same decision below; a NaN / inf loss makes it non-finite too. max_grad_norm=0: inf.
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm or math.inf)
+        if not math.isfinite(float(grad_norm)):
+            self.nonfinite_step(micro)
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, grad_norm
+        return step_loss, grad_norm if self.cfg.optim.max_grad_norm > 0 else None
+
+    def nonfinite_step(self, micro: list[dict]) -> None:
+        """``trainer.nonfinite``: stop naming the step, micro-batch and rows, or skip the update."""
+        step = self.state.step + 1
+        bad = [i for i, loss in enumerate(self.micro_losses) if not math.isfinite(float(loss))]
+        where = (f"micro-batch {bad[0] + 1} of {len(micro)} (loss {float(self.micro_losses[bad[0]])})"
+                 if bad else "the gradients (every micro-batch's loss is finite)")
+        rows = micro[bad[0] if bad else 0].get("row_ids")
+        rows = f", data rows {rows}" if rows is not None else ""
+        if self.cfg.trainer.nonfinite == "skip_step":
+            self.state.skipped_steps += 1
+            log.warning("step %d: NaN/inf in %s%s: update skipped (%d so far; trainer.nonfinite=skip_step)",
+                        step, where, rows, self.state.skipped_steps)
+            return
+        raise NonFiniteError(f"step {step}: NaN/inf in {where}{rows}; the last "
+                             "checkpoint is the newest good state: lower optim.lr, check those rows, or "
+                             "set trainer.nonfinite=skip_step")
 
     def to_device(self, batch: dict) -> dict:
         dev = self.acc.device

@@ -18,6 +18,7 @@ class RunState:
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # train (step, loss, tokens/s) and eval rows
     tracker_ids: dict[str, str] = field(default_factory=dict)  # tracker name -> its run id
+    skipped_steps: int = 0  # steps not applied: NaN / inf loss or gradients (trainer.nonfinite=skip_step)
     feed_state: dict | None = None  # a stream's position (map-style data: the step fixes it)
 
     def record_eval(self, row: dict) -> bool:
@@ -33,7 +34,8 @@ class RunState:
         epoch, in_epoch = divmod(self.step, steps_per_epoch)
         out = {"step": self.step, "epoch": epoch, "step_in_epoch": in_epoch,
                "tokens_seen": self.tokens_seen, **asdict(key), "best_eval": self.best_eval,
-               "best_step": self.best_step, "tracker_ids": self.tracker_ids, "history": self.history}
+               "best_step": self.best_step, "tracker_ids": self.tracker_ids, "history": self.history,
+               "skipped_steps": self.skipped_steps}
         if self.feed_state is not None:
             out["data_stream"] = self.feed_state
         return out
@@ -43,6 +45,7 @@ class RunState:
         return cls(step=state["step"], tokens_seen=state["tokens_seen"],
                    best_eval=state.get("best_eval"), best_step=state.get("best_step"),
                    history=state.get("history", []), tracker_ids=state.get("tracker_ids", {}),
+                   skipped_steps=state.get("skipped_steps", 0),
                    feed_state=state.get("data_stream"))
 
 
