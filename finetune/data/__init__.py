@@ -18,10 +18,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import formats, sources
+from finetune.data.chat_template import ChatSettings, encode_chats
 from finetune.data.cache import cache_key, cache_root, load_entry, save_entry, wait_for_entry
 from finetune.data.packing import Collator, TokenRows, pack_examples
-from finetune.data.tokenize import (IGNORE, ChatRenderer, Encoded, Stats, chat_segments,
-                                    encode_documents, encode_labelled, encode_segmented)
+from finetune.data.tokenize import (IGNORE, Encoded, Stats, encode_documents, encode_labelled,
+                                    encode_segmented)
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,30 @@ def _weighted(records: list, weight: float, seed: list[int]):
     return records * whole + [records[i] for i in sorted(extra)]
 
 
-def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
+class FormattedItems(list):
+    """Formatted examples, with ``origins[i]`` (file:line) of item i for errors found later
+    (a chat the template cannot render is a bad row like a malformed one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origins: list[str] = []
+
+
+def bad_row(data, stats: Stats, origin: str, problem: str, fmt: str) -> None:
+    """``data.on_bad_example``: end the run naming the row (error), or count and skip it."""
+    if data.on_bad_example == "error":
+        raise DataError(f"{origin}: {problem} (data.format={fmt}); fix the row or set "
+                        "data.on_bad_example=skip to skip and count bad rows") from None
+    stats.skipped_bad += 1
+    if len(stats.bad_examples) < 5:
+        stats.bad_examples.append(f"{origin}: {problem}")
+
+
+def format_records(cfg: DictConfig, pairs, stats: Stats) -> FormattedItems:
     """Format every (record, format) pair; a bad one ends the run (default) or is skipped and counted."""
     data = cfg.data
     specs: dict[str, formats.FormatSpec] = {}
-    out = []
+    out = FormattedItems()
     for rec, fmt in pairs:
         spec = specs.get(fmt) or specs.setdefault(fmt, formats.FormatSpec.from_config(data, fmt))
         stats.read += 1
@@ -100,13 +120,9 @@ def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
             if isinstance(rec.row, dict) and "__error__" in rec.row:
                 raise formats.BadExample(rec.row["__error__"])
             out.append(formats.format_record(rec.row, spec))
+            out.origins.append(rec.origin)
         except formats.BadExample as exc:
-            if data.on_bad_example == "error":
-                raise DataError(f"{rec.origin}: {exc} (data.format={fmt}); fix the row or set "
-                                "data.on_bad_example=skip to skip and count bad rows") from None
-            stats.skipped_bad += 1
-            if len(stats.bad_examples) < 5:
-                stats.bad_examples.append(f"{rec.origin}: {exc}")
+            bad_row(data, stats, rec.origin, str(exc), fmt)
     return out
 
 
@@ -118,13 +134,13 @@ def _format_all(cfg: DictConfig, records, stats: Stats) -> list:
 
 def _encode(cfg: DictConfig, tokenizer, items: list, stats: Stats, label_names=None):
     data, fmt = cfg.data, cfg.data.format
-    if fmt in CHAT_FORMATS:
+    if fmt in CHAT_FORMATS:  # one render per conversation, mask from its spans (chat_template.py)
         if not tokenizer.chat_template:
             raise DataError(f"data.format={fmt} needs a chat template but the tokenizer of "
                             f"{cfg.model.name_or_path!r} has none; set model.chat_template")
-        render = ChatRenderer(tokenizer)
-        segmented = [chat_segments(render, m, data.train_on_prompt) for m in items]
-        ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
+        origins = getattr(items, "origins", None) or [f"example {i}" for i in range(len(items))]
+        on_bad = lambda i, problem: bad_row(data, stats, origins[i], problem, fmt)  # noqa: E731
+        ids, labels = encode_chats(tokenizer, items, ChatSettings.from_config(cfg), stats, on_bad)
         return Encoded.from_lists(ids, labels), None
     if fmt == "prompt_completion":
         segmented = [[(p, data.train_on_prompt), (c, True)] if p else [(c, True)] for p, c in items]
