@@ -48,11 +48,11 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.data.tokenize import IGNORE, fit_length
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 PRESET_DIR = Path(__file__).parent / "chat_templates"
 # The tokens each preset writes; they must be single tokens of the tokenizer it is used with.
 PRESET_TOKENS = {
@@ -81,7 +81,7 @@ class ChatSettings:
     append_eos: str = "auto"  # auto: only where the template marks no turn end | always | never
     strict: bool = False  # text the template drops or refuses -> BadChat instead of a warning
     date: str = "2024-07-26"  # what strftime_now() returns in templates (Llama-3.2's date header)
-    name: str = "the chat template"  # names the template/family in warnings and errors
+    name: str = "chat data"  # names the template/family in warnings and errors
     max_len: int = 1 << 30
     overlong: str = "truncate"  # truncate | drop
 
@@ -89,7 +89,8 @@ class ChatSettings:
         for key, value, allowed in (("train_on", self.train_on, ("all", "last", "each")),
                                     ("append_eos", self.append_eos, ("auto", "always", "never"))):
             if value not in allowed:
-                raise ConfigError(f"data.{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+                raise ConfigError(f"data.{key}={value!r} is not valid; choose one of: "
+                                  f"{', '.join(allowed)}")
 
     @classmethod
     def from_config(cls, cfg) -> "ChatSettings":
@@ -151,14 +152,16 @@ def _split_reasoning(message: dict) -> tuple[str, str]:
     return (reasoning or "").strip("\n"), content
 
 
-def _fold_system(messages: list[dict]) -> list[dict]:
-    """The documented fallback for a template without (or refusing) a system role: the system
-    text goes before the first user turn's text, as Gemma-3's own template does it."""
+def _fold_system(messages: list[dict], into_last: bool) -> list[dict]:
+    """The documented fallback for a template that refuses or drops a system message: its text
+    goes before the text of the first user turn (as Gemma-3's own template does), or of the last
+    one for a template that shows the system text there when it prompts (Mistral Nemo)."""
     system, rest = messages[0]["content"], messages[1:]
-    for i, m in enumerate(rest):
-        if m["role"] == "user":
-            return rest[:i] + [{**m, "content": f"{system}\n\n{m['content']}"}] + rest[i + 1:]
-    raise BadChat("the system message cannot be folded into a user turn: there is none")
+    users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    if not users:
+        raise BadChat("the system message cannot be folded into a user turn: there is none")
+    i = users[-1] if into_last else users[0]
+    return rest[:i] + [{**rest[i], "content": f"{system}\n\n{rest[i]['content']}"}] + rest[i + 1:]
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -221,6 +224,7 @@ class ChatTemplate:
         self.reasoning = "</think>" in source  # Qwen3, DeepSeek-R1: a template that knows reasoning
         self.generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
         self.layout = self._probe()
+        self.system_in_last_user = self._probe_system()
         self.warned: set[str] = set()
         backend = tokenizer.backend_tokenizer
         if backend.padding or backend.truncation:  # set in tokenizer.json: encode without them
@@ -245,9 +249,9 @@ class ChatTemplate:
             blocks.extend(self.template.root_render_func(ctx))
         return "".join(blocks)
 
-    def _render_row(self, messages: list[dict], track: list | None = None) -> str:
+    def _render_row(self, messages: list[dict], track: list | None = None, gen: bool = False) -> str:
         try:
-            return self.render(messages, track=track)
+            return self.render(messages, gen, track)
         except Exception as exc:
             raise BadChat(f"the chat template raised{self._template_line(exc)}: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -291,6 +295,18 @@ class ChatTemplate:
         seq_end = rest if tail_last and self.eos and rest.strip() == self.eos else ""
         return Layout(gen_prompt, (head[0], head[1]), (tail_mid, tail_last), seq_end)
 
+    def _probe_system(self) -> bool:
+        """Whether the template, prompting, writes the system text into the last user turn only
+        (Mistral Nemo: a conversation that ends with an assistant turn shows no system text)."""
+        system, u1, a1, u2 = (SENTINEL.format(i) for i in range(4, 8))
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": u1},
+                {"role": "assistant", "content": a1}, {"role": "user", "content": u2}]
+        try:
+            prompt = self.render(chat, True)
+        except Exception:
+            return False
+        return f"{system}\n\n{u2}" in prompt and u1 in prompt and system not in prompt.split(u1)[0]
+
     # ------------------------------------------------------------------------- spans
     def locate(self, messages: list[dict], trained: list[int], strict: bool, name: str,
                notes: dict) -> tuple[str, list[tuple[int, int]], str]:
@@ -304,21 +320,24 @@ class ChatTemplate:
         track: list | None = [] if self.generation else None
         try:
             text = self._render_row(messages, track)
-            refused = None
+            why = None
         except BadChat as exc:
             if messages[0]["role"] != "system" or strict:
                 raise
-            refused = str(exc).split(": ", 1)[-1]
-        if refused is None and messages[0]["role"] == "system" and messages[0]["content"].strip() \
+            why = f"refuses a system message ({str(exc).split(': ', 1)[-1]})"
+        if why is None and messages[0]["role"] == "system" and messages[0]["content"].strip() \
                 and messages[0]["content"].strip() not in text:
             if strict:
                 raise BadChat("the chat template drops the system message (data.strict_template=true)")
-            refused = "it drops system messages"
-        if refused is not None:  # the documented fallback
-            self._note(notes, "system_folded", f"{name}: the chat template refuses a system message "
-                       f"({refused}); the system text is folded into the first user turn "
-                       "(data.strict_template=true stops instead)")
-            messages, trained = _fold_system(messages), [i - 1 for i in trained]
+            why = ("writes the system text only into the last user turn of a prompt" if
+                   self.system_in_last_user else "has no place for a system message")
+        if why is not None:  # the documented fallback
+            where = "last" if self.system_in_last_user else "first"
+            self._note(notes, "system_folded", f"{name}: the chat template {why}; the system text "
+                       f"is folded into the {where} user turn (data.strict_template=true stops "
+                       "instead)")
+            messages = _fold_system(messages, self.system_in_last_user)
+            trained = [i - 1 for i in trained]
             track = [] if self.generation else None
             text = self._render_row(messages, track)
         lost = next((m for m in messages if m["role"] != "assistant" and m["content"].strip()
@@ -355,8 +374,9 @@ class ChatTemplate:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            if m.get("reasoning_content") is not None or (self.reasoning and "</think>" in m["content"]):
-                return None
+            if m.get("reasoning_content") is not None or (
+                    self.reasoning and "</think>" in m["content"]):
+                return None  # the template may split or drop it: the sentinel path checks
             k = int(i == last)
             needle = layout.gen_prompt + layout.head[k] + m["content"] + layout.tail[k]
             at = text.find(needle, cur)
@@ -488,8 +508,6 @@ def encode_chats(tokenizer, chats: list[list[dict]], settings: ChatSettings, sta
     ``train_on_prompt``) and on the first token. The example ends with the last trained token:
     what the template renders after it (Qwen's newline after ``<|im_end|>``) carries no loss.
     """
-    from finetune.data.tokenize import fit_length
-
     template = chat_template_for(tokenizer, settings.date)
     notes = stats.template_notes
     examples: list[tuple[str, list[tuple[int, int]]]] = []
@@ -498,7 +516,8 @@ def encode_chats(tokenizer, chats: list[list[dict]], settings: ChatSettings, sta
         try:
             for trained in _trained_turns(messages, settings.train_on):
                 cut = messages[: trained[-1] + 1]
-                text, spans, path = template.locate(cut, trained, settings.strict, settings.name, notes)
+                text, spans, path = template.locate(cut, trained, settings.strict, settings.name,
+                                                    notes)
                 notes[f"path_{path}"] = notes.get(f"path_{path}", 0) + 1
                 row.append((text, spans))
         except BadChat as exc:
@@ -510,7 +529,8 @@ def encode_chats(tokenizer, chats: list[list[dict]], settings: ChatSettings, sta
     all_ids, all_labels = [], []
     for first in range(0, len(examples), batch_size):
         chunk = examples[first:first + batch_size]
-        encodings = template.backend.encode_batch([text for text, _ in chunk], add_special_tokens=False)
+        encodings = template.backend.encode_batch([text for text, _ in chunk],
+                                                  add_special_tokens=False)
         for (text, spans), enc in zip(chunk, encodings):
             ids, labels = _mask(enc, text, spans, template, settings, notes)
             fitted = fit_length(ids, labels, settings.max_len, settings.overlong, stats)
@@ -558,7 +578,8 @@ def _mask(enc, text, spans, template: ChatTemplate, settings: ChatSettings, note
 
 def render_prompts(tokenizer, prompts: list[list[dict]], settings: ChatSettings) -> list[list[int]]:
     """Prompt conversations -> the ids a model generates from (``add_generation_prompt=True``),
-    rendered and encoded once each like :func:`encode_chats` (for RL rollouts and evaluation)."""
+    rendered and encoded once each like :func:`encode_chats` (for RL rollouts and evaluation).
+    A prompt the template cannot render raises :class:`BadChat`."""
     template = chat_template_for(tokenizer, settings.date)
-    texts = [template.render(p, gen=True) for p in prompts]
+    texts = [template._render_row(p, gen=True) for p in prompts]
     return [e.ids for e in template.backend.encode_batch(texts, add_special_tokens=False)]
