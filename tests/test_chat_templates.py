@@ -178,6 +178,9 @@ def test_phi3_trailing_eos_is_the_templates_own_sequence_end():
     assert ids == one_encode(tok, chat)  # the whole render, encoded once
     assert supervised(tok, ids, labels) == "Four.<|end|>Eight.<|end|>\n<|endoftext|>"
     assert stats.template_notes == {"path_verbatim": 1}
+    layout = chat_template_for(tok, "2024-07-26").layout
+    assert (layout.gen_prompt, layout.tail[1], layout.seq_end) == ("<|assistant|>\n", "<|end|>",
+                                                                   "\n<|endoftext|>")
     [ids], [labels], _ = encode(tok, chat, append_eos="never")
     assert supervised(tok, ids, labels).endswith("Eight.<|end|>")
 

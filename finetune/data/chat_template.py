@@ -276,7 +276,11 @@ class ChatTemplate:
             return None  # the template refuses the probe: every row takes the sentinel path
         if any(full.count(s) != 1 for s in (u1, a1, u2, a2)):
             return None
-        gen_prompt = gen1[_common_prefix(gen1, plain1):]
+        cut = _common_prefix(gen1, plain1)
+        for token in self.special_re.finditer(gen1):  # never cut inside a special token
+            if token.start() < cut < token.end():
+                cut = token.start()
+        gen_prompt = gen1[cut:]
         head = []
         for prompt, sent in ((gen1, a1), (gen2, a2)):
             at = full.index(sent)
