@@ -34,8 +34,10 @@ that the FINAL assistant turn keeps its reasoning on reasoning templates (templa
 prompt (one example per assistant turn), so every turn keeps its reasoning.
 
 What a template loses is reported, never silently trained around: a system message the template
-refuses (raises) or drops is folded into the first user turn, with one warning per run; other text
-absent from the render warns once; ``strict=True`` makes both a per-row error (:class:`BadChat`).
+refuses (raises) or drops is folded into the first user turn (the last one for a template that
+writes it there when prompting, as Mistral Nemo), with one warning per run; other text absent from
+the render warns once; ``strict=True`` makes both a per-row error (:class:`BadChat`). Counts go to
+``stats.template_notes``.
 """
 
 from __future__ import annotations
