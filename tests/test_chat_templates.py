@@ -408,3 +408,18 @@ def test_cli_refusal_with_strict_template_is_one_line(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if "System role not supported" in line]
     assert len(lines) == 1 and f"{data}:1:" in lines[0]
+
+
+def test_reasoning_fields_of_messages_rows_reach_the_template(tmp_path):
+    tok = tokenizer(QWEN3_LIKE, eos="<|im_end|>", bos=None)
+    answer = {"role": "assistant", "content": "Four."}
+    rows = [{"messages": [TWO_TURNS[0], {**answer, "thinking": "2 + 2 = 4."}]},
+            {"messages": [TWO_TURNS[0], {**answer, "reasoning": 4}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = make_cfg(f"data.path={path}", "data.format=messages", "data.eval_size=0",
+                   "data.on_bad_example=skip", "data.train_on=last", cache_dir=tmp_path / "cache")
+    data = prepare_data(cfg, tok)
+    ids, labels = (x.tolist() for x in data.train.encoded.example(0))
+    assert supervised(tok, ids, labels) == "<think>\n2 + 2 = 4.\n</think>\n\nFour.<|im_end|>"
+    assert data.stats["train"]["bad_examples"] == [
+        f"{path}:2: message 1: reasoning must be a string, got int"]
