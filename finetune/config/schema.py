@@ -34,7 +34,10 @@ class ModelConfig:
     # Modules trained in full next to LoRA for this model (peft.modules_to_save wins; [] = none).
     # Unset: none, except for the random-init built-in models (finetune/model/builtin.py).
     lora_modules_to_save: Optional[list[str]] = None
-    chat_template: Optional[str] = None  # override the tokenizer's template (Jinja)
+    # Override the tokenizer's chat template: a preset (chatml, llama3, qwen3, gemma, mistral, phi3,
+    # deepseek-r1: finetune/data/chat_templates/), a file (.jinja, or .json with a chat_template
+    # field, e.g. a tokenizer_config.json) or a Jinja string. The cache key includes the template.
+    chat_template: Optional[str] = None
 
 
 @dataclass
@@ -83,6 +86,18 @@ class DataConfig:
     train_on_prompt: bool = False
     overlong: str = "truncate"  # truncate | drop (examples longer than max_seq_len)
     on_bad_example: str = "error"  # error | skip (skipped rows are counted and reported)
+    # Chats (docs/data.md "Chat templates and loss masks"): which assistant turns carry loss:
+    # all | last | each (one example per assistant turn, each with its own prompt and reasoning).
+    train_on: str = "all"
+    # EOS after the last trained turn: auto (only where the template ends turns without a special
+    # token; a template's own end-of-sequence EOS, as Phi-3's, is kept) | always | never.
+    append_eos: str = "auto"
+    # true: a system message the template refuses or drops, or any text it leaves out, is a bad
+    # row (data.on_bad_example) instead of a warning (system text folded into the first user turn).
+    strict_template: bool = False
+    # What strftime_now() returns inside chat templates (Llama-3.2's "Today Date" header): pinned,
+    # so the same data renders (and caches) the same on any day.
+    chat_date: str = "2024-07-26"
     labels: list[str] = field(default_factory=list)  # classification label names (else inferred)
     cache_dir: Optional[str] = None  # default: $FINETUNE_CACHE or ~/.cache/finetune
 

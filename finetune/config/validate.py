@@ -21,6 +21,8 @@ CHOICES = {
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "data.overlong": ("truncate", "drop"),
     "data.on_bad_example": ("error", "skip"),
+    "data.train_on": ("all", "last", "each"),
+    "data.append_eos": ("auto", "always", "never"),
     "peft.method": ("lora", "none"),
     "optim.name": ("adamw",),
     "optim.scheduler": ("cosine", "linear", "constant"),

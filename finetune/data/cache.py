@@ -3,7 +3,8 @@
 The key hashes everything that changes the tokenised output: the ``data.*`` config (but packing,
 which happens at load time), each source's fingerprint (file paths + sizes + mtimes, or Hub id +
 config + split + revision), the tokenizer (vocabulary, merges, normaliser: its full JSON), the chat
-template, EOS, the seed (eval hold-out), the task and the pipeline version. An entry is written to
+template (after ``model.chat_template``; ``data.chat_date``, part of ``data.*``, pins its date), EOS,
+the seed (eval hold-out), the task and the pipeline version. An entry is written to
 a temporary directory and published by one rename; other processes poll for it (no collective).
 """
 
@@ -23,7 +24,7 @@ from finetune.data import sources
 from finetune.data.tokenize import Encoded
 from finetune.errors import DataError
 
-PIPELINE_VERSION = "3"  # bump when tokenisation/packing output changes
+PIPELINE_VERSION = "4"  # bump when tokenisation/packing output changes (4: one-render chat masks)
 
 
 def cache_key(cfg: DictConfig, tokenizer) -> str:

@@ -1,7 +1,8 @@
 """Turn a raw record into what the tokenizer step consumes, by ``data.format``:
 
-- alpaca (instruction / input / output), messages (OpenAI ``role``/``content``), sharegpt
-  (``from``/``value``) -> a chat: a list of ``{"role", "content"}`` messages;
+- alpaca (instruction / input / output), messages (OpenAI ``role``/``content``, plus an optional
+  ``reasoning_content`` / ``thinking`` / ``reasoning``), sharegpt (``from``/``value``) -> a chat: a
+  list of ``{"role", "content"}`` messages (``reasoning_content`` where given);
 - prompt_completion -> ``(prompt, completion)`` raw strings (no chat template);
 - text -> a document string (continued pretraining);
 - classification -> ``(text, label)``.
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, by any name
 
 
 class BadExample(ValueError):
@@ -115,6 +117,12 @@ def to_chat(row: dict, data: FormatSpec) -> list[dict]:
             if "role" not in turn or "content" not in turn:
                 raise BadExample(f"message {i} needs 'role' and 'content'")
             messages.append({"role": turn["role"], "content": turn["content"]})
+            reasoning = next((turn[k] for k in REASONING_FIELDS if turn.get(k) is not None), None)
+            if reasoning is not None:  # kept for reasoning templates (data/chat_template.py)
+                if not isinstance(reasoning, str):
+                    raise BadExample(f"message {i}: reasoning must be a string, "
+                                     f"got {type(reasoning).__name__}")
+                messages[-1]["reasoning_content"] = reasoning
         else:
             if "from" not in turn or "value" not in turn:
                 raise BadExample(f"message {i} needs 'from' and 'value'")

@@ -60,11 +60,30 @@ def weighted(records: list, weight: float, seed: list[int]):
     return records * whole + [records[i] for i in sorted(extra)]
 
 
-def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
+class FormattedItems(list):
+    """Formatted examples, with ``origins[i]`` (file:line) of item i for errors found later
+    (a chat the template cannot render is a bad row like a malformed one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origins: list[str] = []
+
+
+def bad_row(data, stats: Stats, origin: str, problem: str, fmt: str) -> None:
+    """``data.on_bad_example``: end the run naming the row (error), or count and skip it."""
+    if data.on_bad_example == "error":
+        raise DataError(f"{origin}: {problem} (data.format={fmt}); fix the row or set "
+                        "data.on_bad_example=skip to skip and count bad rows") from None
+    stats.skipped_bad += 1
+    if len(stats.bad_examples) < 5:
+        stats.bad_examples.append(f"{origin}: {problem}")
+
+
+def format_records(cfg: DictConfig, pairs, stats: Stats) -> FormattedItems:
     """Format every (record, format) pair; a bad one ends the run (default) or is skipped and counted."""
     data = cfg.data
     specs: dict[str, formats.FormatSpec] = {}
-    out = []
+    out = FormattedItems()
     for rec, fmt in pairs:
         spec = specs.get(fmt) or specs.setdefault(fmt, formats.FormatSpec.from_config(data, fmt))
         stats.read += 1
@@ -72,11 +91,7 @@ def format_records(cfg: DictConfig, pairs, stats: Stats) -> list:
             if isinstance(rec.row, dict) and "__error__" in rec.row:
                 raise formats.BadExample(rec.row["__error__"])
             out.append(formats.format_record(rec.row, spec))
+            out.origins.append(rec.origin)
         except formats.BadExample as exc:
-            if data.on_bad_example == "error":
-                raise DataError(f"{rec.origin}: {exc} (data.format={fmt}); fix the row or set "
-                                "data.on_bad_example=skip to skip and count bad rows") from None
-            stats.skipped_bad += 1
-            if len(stats.bad_examples) < 5:
-                stats.bad_examples.append(f"{rec.origin}: {exc}")
+            bad_row(data, stats, rec.origin, str(exc), fmt)
     return out

@@ -1,9 +1,9 @@
 """Tokenise formatted examples into ``input_ids`` + ``labels`` with the loss mask.
 
-Chats go through the tokenizer's own chat template (:class:`ChatRenderer`). The template is rendered
-for each growing prefix of the conversation; the string differences give segments (prompt / assistant turn), so
-the mask boundary is exact for any template that renders prefixes as prefixes (checked, with a
-clear error otherwise). All segments of a batch are then encoded in one fast-tokenizer call.
+Chats are encoded by :mod:`finetune.data.chat_template` (one render of the whole conversation,
+encoded once, loss mask from character spans). :class:`ChatRenderer` and :func:`chat_segments`
+below are the earlier prefix-render segmentation, kept for callers outside the chat formats.
+Segmented examples (prompt_completion) are encoded in one fast-tokenizer call.
 
 Labels are ``-100`` on prompt tokens (unless ``data.train_on_prompt``), and always on the first
 token of an example: it is never a prediction target, which also keeps packed neighbours from
@@ -39,6 +39,9 @@ class Stats:
     tokens: int = 0
     target_tokens: int = 0
     bad_examples: list[str] = field(default_factory=list)  # first few, for the log
+    # Chats (chat_template.py): examples per mask path, and rows the template changed or cut
+    # (system_folded, reasoning_restored, dropped ..., eos_appended), each also warned once.
+    template_notes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}

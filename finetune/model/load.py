@@ -47,8 +47,10 @@ def load_tokenizer(cfg: DictConfig, task=None):
                 path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _offline_hint(path, exc) from exc
-    if cfg.model.chat_template:
-        tok.chat_template = cfg.model.chat_template
+    if cfg.model.chat_template:  # a preset name, a file or a Jinja string
+        from finetune.data.chat_template import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(cfg.model.chat_template, tok)
     if tok.pad_token is None:
         # Llama-3 / Mistral ship no pad token; padding is masked out of loss and attention.
         tok.pad_token = tok.eos_token

@@ -18,9 +18,10 @@ import json
 import torch
 import torch.nn.functional as F
 
+from finetune.data.chat_template import ChatSettings, encode_chats
 from finetune.data.formats import CHAT_FORMATS
-from finetune.data.tokenize import (IGNORE, ChatRenderer, Encoded, Stats, chat_segments,
-                                    encode_documents, encode_segmented)
+from finetune.data.records import bad_row
+from finetune.data.tokenize import IGNORE, Encoded, Stats, encode_documents, encode_segmented
 from finetune.errors import DataError
 from finetune.model.linear_cross_entropy import (head_passes_hidden_states, linear_cross_entropy_sum,
                                                  plain_lm_head)
@@ -89,13 +90,15 @@ class CausalLMTask(Task):
 
     def encode(self, tokenizer, items: list, stats: Stats, label_names=None):
         data = self.cfg.data
-        if data.format in CHAT_FORMATS:
+        if data.format in CHAT_FORMATS:  # one render per conversation, mask from its spans
             if not tokenizer.chat_template:
                 raise DataError(f"data.format={data.format} needs a chat template but the tokenizer of "
                                 f"{self.cfg.model.name_or_path!r} has none; set model.chat_template")
-            render = ChatRenderer(tokenizer)
-            segmented = [chat_segments(render, m, data.train_on_prompt) for m in items]
-        elif data.format == "prompt_completion":
+            origins = getattr(items, "origins", None) or [f"example {i}" for i in range(len(items))]
+            on_bad = lambda i, problem: bad_row(data, stats, origins[i], problem, data.format)  # noqa: E731
+            ids, labels = encode_chats(tokenizer, items, ChatSettings.from_config(self.cfg), stats, on_bad)
+            return Encoded.from_lists(ids, labels), None
+        if data.format == "prompt_completion":
             segmented = [[(p, data.train_on_prompt), (c, True)] if p else [(c, True)] for p, c in items]
         else:  # text: documents cut into max_seq_len chunks
             ids, labels = encode_documents(tokenizer, items, data.max_seq_len, stats)
