@@ -77,7 +77,8 @@ def main() -> None:
         bins = pack_examples(enc.lengths(), args.max_seq_len)
         return int(enc.lengths().sum()), float(enc.lengths().sum() / (len(bins) * args.max_seq_len))
 
-    chats = formatted(Stats())
+    stats = Stats()
+    chats = formatted(stats)
     texts = [tok.apply_chat_template(m, tokenize=False) for m in chats]
 
     def raw() -> int:

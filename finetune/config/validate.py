@@ -91,6 +91,9 @@ def problems(cfg: DictConfig) -> list[str]:
         found.append("model.load_in_4bit=true needs peft.method=lora (QLoRA); "
                      "4-bit weights cannot be fully fine-tuned")
     found += hub_config_problems(cfg.hub)
+    if t.compile and cfg.distributed.strategy not in ("none", "ddp"):
+        found.append(f"distributed={cfg.distributed.strategy} with trainer.compile=true is not supported; "
+                     "set trainer.compile=false")
     if cfg.distributed.offload and cfg.distributed.strategy not in ("fsdp", "zero2", "zero3"):
         found.append("distributed.offload=true needs distributed=fsdp, zero2 or zero3")
     return found

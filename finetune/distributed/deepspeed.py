@@ -35,7 +35,7 @@ from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 
 from finetune.train import checkpoint as ckpt
 from finetune.distributed import mixed_precision
-from finetune.errors import ConfigError, ResumeError
+from finetune.errors import ResumeError
 from finetune.distributed.strategy import Strategy
 
 
@@ -51,9 +51,6 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg)
         self.name = cfg.distributed.strategy
         self.stage = int(self.name[-1])
-        if cfg.trainer.compile:
-            raise ConfigError(f"distributed={self.name} with trainer.compile=true is not supported; "
-                              "set trainer.compile=false")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
 

@@ -39,12 +39,6 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 class FSDPStrategy(Strategy):
     name = "fsdp"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.trainer.compile:
-            raise ConfigError("distributed=fsdp with trainer.compile=true is not supported here; "
-                              "set trainer.compile=false")
-
     def _offload_policy(self):
         from torch.distributed.fsdp import CPUOffloadPolicy
 
