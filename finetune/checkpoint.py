@@ -218,7 +218,9 @@ def is_write_failure(exc: BaseException) -> bool:
     return False
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, free: int, needed: int) -> str:
+    """strerror of the OSError behind ``exc``; else ENOSPC when the disk has less free than is
+    needed (torch.save says only "unexpected pos" then); else the exception's first line."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
@@ -226,11 +228,13 @@ def _reason(exc: BaseException) -> str:
         if "No space left" in str(seen):
             return os.strerror(errno.ENOSPC)
         seen = seen.__cause__ or seen.__context__
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    if free < max(needed, 1 << 20):
+        return os.strerror(errno.ENOSPC)
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def human_bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _free_bytes(path: Path) -> int:
@@ -257,9 +261,11 @@ def guard_temp_dir(tmp: Path, dest: Path, needed_bytes: int | None = None) -> It
         if not is_write_failure(exc):
             raise
         free = _free_bytes(dest.parent)
-        needed = f"about {_mb(needed_bytes)}" if needed_bytes else f"more than {_mb(written)}"
+        needed = (f"about {human_bytes(needed_bytes)}" if needed_bytes
+                  else f"more than {human_bytes(written)}")
+        reason = _reason(exc, free, needed_bytes or written)
         raise CheckpointError(
-            f"cannot write {dest} ({_reason(exc)}): it needs {needed}, {_mb(free)} free on "
+            f"cannot write {dest} ({reason}): it needs {needed}, {human_bytes(free)} free on "
             f"{dest.parent}; free space or set output_dir on a larger disk (nothing was "
             f"published; earlier checkpoints are intact)") from None
 
