@@ -79,8 +79,12 @@ def resolve_files(path: str) -> list[Path]:
         files = [Path(expanded)]
     files = [f for f in files if f.suffix in LOCAL_SUFFIXES or not f.exists()]
     if not files:
+        held = ""
+        if Path(expanded).is_dir():
+            names = sorted(p.name for p in Path(expanded).iterdir())
+            held = f"; the directory holds {', '.join(names[:5]) + (', ...' if len(names) > 5 else '') if names else 'nothing'}"
         raise DataError(f"data.path={path!r} matches no data files "
-                        f"(expected {', '.join(sorted(LOCAL_SUFFIXES))})")
+                        f"(expected {', '.join(sorted(LOCAL_SUFFIXES))}{held})")
     for f in files:
         check_file(f)
     return files
