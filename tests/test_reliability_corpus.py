@@ -236,7 +236,7 @@ CASES: dict[str, Case] = {
     "data-malformed-json-line": Case(_data("data.jsonl"), 3, "{d}/data.jsonl:2: invalid JSON", _write("data.jsonl", _rows(1) + "{oops\n")),
     "data-json-array-syntax": Case(_data("data.json"), 3, "{d}/data.json:1: invalid JSON", _write("data.json", '[{"instruction": }]')),
     "data-glob-matches-nothing": Case(["data.path={d}/*.jsonl"], 3, "data.path='{d}/*.jsonl' matches no data files"),
-    "data-binary-eval-file": Case(["data.path={d}/train.jsonl", "data.eval_split={d}/eval.jsonl"], 3, "{d}/eval.jsonl is not a text file", _good_and_binary_eval),
+    "data-binary-eval-file": Case(["data.path={d}/train.jsonl", "data.eval_split={d}/eval.jsonl"], 3, "data.eval_split: {d}/eval.jsonl is not a text file", _good_and_binary_eval),
     "stream-binary-jsonl": Case(_data("data.jsonl", "data.streaming=true"), 3, "{d}/data.jsonl is not a text file", _write("data.jsonl", BINARY)),
     "stream-utf16-jsonl": Case(_data("data.jsonl", "data.streaming=true"), 3, "{d}/data.jsonl is UTF-16 text", _write("data.jsonl", UTF16)),
     "stream-empty-file": Case(_data("data.jsonl", "data.streaming=true"), 3, "{d}/data.jsonl is empty", _write("data.jsonl", b"")),

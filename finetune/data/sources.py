@@ -66,8 +66,9 @@ def _is_local(path: str) -> bool:
         or Path(path).suffix in LOCAL_SUFFIXES or Path(path).exists()
 
 
-def resolve_files(path: str) -> list[Path]:
-    """A local file, directory or glob -> the sorted data files it names, each one checked."""
+def resolve_files(path: str, key: str = "data.path") -> list[Path]:
+    """A local file, directory or glob -> the sorted data files it names, each one checked
+    (``key``: the config key named in the errors)."""
     if path in BUILTIN:
         return [SAMPLE_DIR / BUILTIN[path][0]]
     expanded = os.path.expanduser(path)
@@ -82,11 +83,12 @@ def resolve_files(path: str) -> list[Path]:
         held = ""
         if Path(expanded).is_dir():
             names = sorted(p.name for p in Path(expanded).iterdir())
-            held = f"; the directory holds {', '.join(names[:5]) + (', ...' if len(names) > 5 else '') if names else 'nothing'}"
-        raise DataError(f"data.path={path!r} matches no data files "
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            held = f"; the directory holds {shown or 'nothing'}"
+        raise DataError(f"{key}={path!r} matches no data files "
                         f"(expected {', '.join(sorted(LOCAL_SUFFIXES))}{held})")
     for f in files:
-        check_file(f)
+        check_file(f, key)
     return files
 
 
@@ -98,50 +100,50 @@ def _dir_files(root: Path) -> list[Path]:
     return files
 
 
-def check_file(f: Path) -> None:
+def check_file(f: Path, key: str = "data.path") -> None:
     """Refuse a data file that cannot be read as its suffix says, with one line naming it."""
     try:
         st = os.stat(f)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise DataError(f"data.path: {f} is a symlink loop ({exc.strerror}); "
+            raise DataError(f"{key}: {f} is a symlink loop ({exc.strerror}); "
                             "point the link at a real file or remove it") from None
         if os.path.islink(f):
-            raise DataError(f"data.path: {f} is a broken symlink (to {os.readlink(f)}); "
+            raise DataError(f"{key}: {f} is a broken symlink (to {os.readlink(f)}); "
                             "point the link at an existing file or remove it") from None
         if exc.errno == errno.ENOENT:
-            raise DataError(f"data.path: {f} does not exist; pass an existing file, directory "
+            raise DataError(f"{key}: {f} does not exist; pass an existing file, directory "
                             "or glob") from None
-        raise DataError(f"data.path: {f} cannot be read ({exc.strerror}); fix its permissions "
+        raise DataError(f"{key}: {f} cannot be read ({exc.strerror}); fix its permissions "
                         "or pass another file") from None
     if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"data.path: {f} is a directory, not a data file; pass the directory "
+        raise DataError(f"{key}: {f} is a directory, not a data file; pass the directory "
                         "itself (its data files are read) or a file inside it")
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"data.path: {f} is not a regular file (a FIFO, socket or device); "
+        raise DataError(f"{key}: {f} is not a regular file (a FIFO, socket or device); "
                         "pass a data file")
     if st.st_size == 0:
-        raise DataError(f"data.path: {f} is empty (0 bytes); write the data into it or remove "
-                        "it from data.path")
+        raise DataError(f"{key}: {f} is empty (0 bytes); write the data into it or remove "
+                        f"it from {key}")
     try:
         with open(f, "rb") as fh:
             head = fh.read(HEAD_BYTES)
             tail = _tail(fh, st.st_size)
     except OSError as exc:
         hint = "make it readable (chmod a+r)" if exc.errno == errno.EACCES else "check the disk"
-        raise DataError(f"data.path: {f} cannot be read ({exc.strerror}); {hint} "
-                        "or remove it from data.path") from None
+        raise DataError(f"{key}: {f} cannot be read ({exc.strerror}); {hint} "
+                        f"or remove it from {key}") from None
     if f.suffix in TEXT_SUFFIXES:
-        _check_text(f, head, complete=st.st_size <= HEAD_BYTES)
+        _check_text(f, head, st.st_size <= HEAD_BYTES, key)
     elif f.suffix == ".parquet" and not head.startswith(b"PAR1"):
-        raise DataError(f"data.path: {f} is not a Parquet file (it does not start with the PAR1 "
+        raise DataError(f"{key}: {f} is not a Parquet file (it does not start with the PAR1 "
                         "magic number); pass the right file or fix its name")
     elif f.suffix == ".parquet" and tail != b"PAR1":
-        raise DataError(f"data.path: {f} is a truncated or damaged Parquet file (no PAR1 magic "
-                        "number at its end); re-export it or remove it from data.path")
+        raise DataError(f"{key}: {f} is a truncated or damaged Parquet file (no PAR1 magic "
+                        f"number at its end); re-export it or remove it from {key}")
     elif f.suffix == ".arrow" and not (head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff")):
-        raise DataError(f"data.path: {f} is not an Arrow IPC file or stream (no Arrow magic "
-                        "number); re-export it or remove it from data.path")
+        raise DataError(f"{key}: {f} is not an Arrow IPC file or stream (no Arrow magic "
+                        f"number); re-export it or remove it from {key}")
 
 
 def _tail(fh, size: int) -> bytes:
@@ -151,11 +153,11 @@ def _tail(fh, size: int) -> bytes:
     return fh.read(4)
 
 
-def _check_text(f: Path, head: bytes, complete: bool) -> None:
+def _check_text(f: Path, head: bytes, complete: bool, key: str) -> None:
     """The first block of a text data file must be UTF-8 (a UTF-8 byte order mark is fine)."""
     for bom, name in BOMS:
         if head.startswith(bom):
-            raise DataError(f"data.path: {f} is {name} text (byte order mark "
+            raise DataError(f"{key}: {f} is {name} text (byte order mark "
                             f"{bom.hex(' ').upper()}), data files must be UTF-8; convert it: "
                             f"iconv -f {name} -t UTF-8 {f} > {f.with_suffix('.utf8' + f.suffix).name}")
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -168,14 +170,14 @@ def _check_text(f: Path, head: bytes, complete: bool) -> None:
     if b"\x00" in head or (bad is not None and controls > 0):
         nul = head.find(b"\x00")
         if nul >= 0 and _looks_utf16(head):
-            raise DataError(f"data.path: {f} looks like UTF-16 text without a byte order mark "
+            raise DataError(f"{key}: {f} looks like UTF-16 text without a byte order mark "
                             "(every other byte is 0), data files must be UTF-8; convert it: "
                             f"iconv -f UTF-16LE -t UTF-8 {f} > {f.with_suffix('.utf8' + f.suffix).name}")
         where = min(x for x in (nul, bad) if x is not None and x >= 0)
-        raise DataError(f"data.path: {f} is not a text file (binary data at byte {where}); a "
+        raise DataError(f"{key}: {f} is not a text file (binary data at byte {where}); a "
                         f"{f.suffix} file must be UTF-8 text: pass the right file or fix its name")
     if bad is not None:
-        raise DataError(f"data.path: {f} is not UTF-8 text (byte 0x{head[bad]:02x} at offset {bad}); "
+        raise DataError(f"{key}: {f} is not UTF-8 text (byte 0x{head[bad]:02x} at offset {bad}); "
                         f"convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 {f}) or fix the byte")
 
 
@@ -331,7 +333,7 @@ def eval_files(path: str, eval_split: str) -> list[Path] | None:
     if path in BUILTIN and eval_split == "eval":
         return [SAMPLE_DIR / BUILTIN[path][1]]
     if _is_local(eval_split):
-        return resolve_files(eval_split)
+        return resolve_files(eval_split, "data.eval_split")
     return None
 
 
