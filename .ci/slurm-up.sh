@@ -40,20 +40,39 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
   fi
 fi
 
-# 2. stop the daemons a previous run started (by their pid files; TERM, then KILL)
+# 2. stop the daemons a previous run started (by their pid files; TERM, then KILL). A slurmctld
+# saving job state can take several seconds; zombies (exited, not yet reaped) do not count.
+alive() {  # which of the given pids still run
+  for p in "$@"; do
+    st=$(ps -o stat= -p "$p" 2>/dev/null || true)
+    [ -n "$st" ] && [ "${st#Z}" = "$st" ] && echo "$p"
+  done
+  return 0
+}
+wait_gone() {  # tenths of a second, pids...
+  local n=$1; shift
+  for _ in $(seq 1 "$n"); do [ -z "$(alive "$@")" ] && return 0; sleep 0.1; done
+  return 1
+}
 pids=""
 for pf in /run/slurmctld.pid /run/slurmd-n1.pid /run/slurmd-n2.pid; do
   [ -f "$pf" ] && pids="$pids $(cat "$pf")"
 done
 if [ -n "$pids" ]; then
+  # shellcheck disable=SC2086
   kill $pids 2>/dev/null || true
-  alive() { for p in $pids; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
-  for _ in $(seq 1 50); do alive || break; sleep 0.2; done
-  kill -9 $pids 2>/dev/null || true
+  # shellcheck disable=SC2086
+  if ! wait_gone 300 $pids; then
+    # shellcheck disable=SC2086
+    kill -9 $(alive $pids) 2>/dev/null || true
+    # shellcheck disable=SC2086
+    wait_gone 100 $pids || die "slurm daemons $(alive $pids) survive kill -9"
+  fi
   rm -f /run/slurmctld.pid /run/slurmd-n1.pid /run/slurmd-n2.pid
 fi
-if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
-  die "slurmctld/slurmd running without our pid files; stop them first: $(pgrep -a -x slurmctld; pgrep -a -x slurmd)"
+strays=$(ps -eo pid=,stat=,comm= | awk '($3 == "slurmctld" || $3 == "slurmd") && $2 !~ /^Z/ {print $1}')
+if [ -n "$strays" ]; then
+  die "slurmctld/slurmd running without our pid files (pids $(echo $strays)); stop them first"
 fi
 
 # 3. munge: key once, daemon running
@@ -123,15 +142,33 @@ CONF
 rm -f "$conf_dir/cgroup.conf"
 
 # 6. daemons (they daemonize themselves)
-slurmctld -c || die "slurmctld failed to start"
-slurmd -N n1 || die "slurmd -N n1 failed to start"
-slurmd -N n2 || die "slurmd -N n2 failed to start"
+start_daemon() {  # slurmctld | n1 | n2
+  case "$1" in
+    slurmctld) slurmctld -c || die "slurmctld failed to start" ;;
+    *) slurmd -N "$1" || die "slurmd -N $1 failed to start" ;;
+  esac
+}
+pid_file() { [ "$1" = slurmctld ] && echo /run/slurmctld.pid || echo "/run/slurmd-$1.pid"; }
+for d in slurmctld n1 n2; do start_daemon "$d"; done
 
-# 7. wait for both nodes idle (bounded)
+# 7. wait for both nodes idle (bounded). A daemon that exits after daemonizing (a port still
+# held, a config it rejects) is restarted once, then reported at once instead of at the deadline.
 deadline=$((start_ts + timeout_s))
+restarted=""
 while :; do
   state=$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u || true)
   if echo "$state" | grep -qx 'n1 idle' && echo "$state" | grep -qx 'n2 idle'; then break; fi
+  for d in slurmctld n1 n2; do
+    pf=$(pid_file "$d")
+    if [ -f "$pf" ] && [ -z "$(alive "$(cat "$pf")")" ]; then
+      case " $restarted " in *" $d "*) die "$d exited again after a restart" ;; esac
+      echo "slurm-up: $d exited after starting; restarting it once" >&2
+      rm -f "$pf"
+      restarted="$restarted $d"
+      sleep 1
+      start_daemon "$d"
+    fi
+  done
   # nodes left drained/down by an earlier run: resume them
   for n in n1 n2; do
     echo "$state" | grep -qE "^$n (down|drain|drng|fail)" && scontrol update NodeName=$n State=RESUME 2>/dev/null || true

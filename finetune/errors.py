@@ -14,6 +14,7 @@ and exits with the class's status:
 | 5 | a checkpoint cannot be resumed (:class:`ResumeError`) |
 | 6 | Hub set-up or push (:class:`HubPushError`) |
 | 7 | the exported model failed its logits check (:class:`ExportError`) |
+| 8 | a checkpoint or ``final/`` could not be written: disk full, I/O error (:class:`CheckpointError`) |
 | 9 | the loss or gradients became NaN / inf (``trainer.nonfinite=stop``, :class:`NonFiniteError`) |
 | 75 ``EXIT_PREEMPTED`` | SIGTERM/SIGUSR1: the current step finished, a complete checkpoint was written; requeue with ``resume=auto`` (EX_TEMPFAIL) |
 """
@@ -75,6 +76,13 @@ class ExportError(FinetuneError):
     """The merged or exported model does not reproduce the adapter's outputs."""
 
     exit_code = 7
+
+
+class CheckpointError(FinetuneError):
+    """A checkpoint or ``final/`` could not be written (disk full, I/O error); nothing was
+    published and the temp dir was removed."""
+
+    exit_code = 8
 
 
 class NonFiniteError(FinetuneError):

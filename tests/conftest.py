@@ -1,18 +1,22 @@
 """Session set-up for the whole suite (helpers live in run_helpers.py).
 
-Every test process gets its own data cache (FINETUNE_CACHE) so runs never see a stale cache
+Every test session gets its own data caches (FINETUNE_CACHE, HF_DATASETS_CACHE) so runs never see a stale cache
 from outside the test session, and W&B / HF stay offline.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The datasets library's cache, new for the session and set before datasets is imported: a stale
+# cache of an earlier session's local "Hub" repo would serve its old rows.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="finetune-tests-hf-datasets-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

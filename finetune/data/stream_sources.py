@@ -2,12 +2,16 @@
 
 - Local JSON-lines files (``.jsonl``, or ``.json`` holding one object per line): the position is
   a byte offset, so resuming seeks straight to the next record, whatever the file size.
-- Other local files (JSON array, CSV, Parquet, TXT): a record index within the file; resuming
+- Other local files (JSON array, CSV, Parquet, Arrow, TXT): a record index within the file; resuming
   re-reads and discards the records before it (no formatting, no tokenisation) - these formats
   cannot be entered in the middle without parsing what comes before.
 - Hub datasets (and local dataset repos) through ``datasets.load_dataset(streaming=True)``: the
   position is the ``IterableDataset.state_dict()`` that datasets>=3 restores with
   ``load_state_dict``.
+
+Local files are checked like the map-style path's (``sources.check_file``: binary, not UTF-8,
+empty, unreadable, symlink loop, bad magic number) when the reader is opened, and damage found
+while streaming becomes the same one-line DataError naming the file.
 
 A :class:`Mixture` draws each next record from one of its sources at random, with probability
 proportional to the source's weight among the sources not yet exhausted (seeded; the generator
@@ -16,7 +20,6 @@ state is part of the position), until every source is exhausted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -49,7 +52,8 @@ class LocalReader:
         pos = self.position
         while pos["file"] < len(self.files):
             f = self.files[pos["file"]]
-            yield from (self._json_lines(f) if _is_json_lines(f) else self._indexed(f))
+            with sources.reading(f):
+                yield from (self._json_lines(f) if _is_json_lines(f) else self._indexed(f))
             pos.update(file=pos["file"] + 1, offset=0, row=0, line=0)
 
     def _json_lines(self, f: Path) -> Iterator[Record]:
@@ -62,11 +66,7 @@ class LocalReader:
                 if not raw.strip():
                     continue
                 pos["row"] += 1
-                try:
-                    row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    row = {"__error__": f"invalid JSON ({getattr(exc, 'msg', exc)})"}
-                yield Record(row, f"{f}:{pos['line']}")
+                yield Record(sources.parse_json_line(raw), f"{f}:{pos['line']}")
 
     def _indexed(self, f: Path) -> Iterator[Record]:
         pos = self.position

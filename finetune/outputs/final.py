@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.train import checkpoint as ckpt
+
 
 def write_final(trainer) -> Path:
     """Called on every rank (sharded weights are gathered collectively); rank 0 writes."""
@@ -30,8 +32,9 @@ def write_final(trainer) -> Path:
     if cfg.peft.method == "lora":
         # The adapter must point at a base that loads offline (built-ins were saved to base_model/).
         model.peft_config["default"].base_model_name_or_path = trainer.base_ref
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    trainer.tokenizer.save_pretrained(tmp)
+    with ckpt.guard_temp_dir(tmp, final, needed_bytes=ckpt.tree_size(final) or None):  # disk full: exit 8
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        trainer.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

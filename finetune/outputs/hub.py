@@ -48,7 +48,7 @@ def hub_config_problems(hub_cfg: Any) -> list[str]:
     """What is wrong with the hub.* keys, one line each (the run's config validation uses it)."""
     problems = []
     if hub_cfg.push and not hub_cfg.repo_id:
-        problems.append("hub.repo_id must be set when hub.push=true (e.g. hub.repo_id=your-name/my-model)")
+        problems.append("hub.push=true needs hub.repo_id=<user>/<name> (e.g. hub.repo_id=your-name/my-model)")
     if hub_cfg.strategy not in STRATEGIES:
         problems.append(f"hub.strategy={hub_cfg.strategy!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
     if hub_cfg.max_retries < 0:

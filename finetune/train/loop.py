@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import prepare_data
 from finetune.distributed import all_reduce_sum
-from finetune.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError, NonFiniteError, PreemptedAtStartup
+from finetune.errors import (EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteError,
+                             PreemptedAtStartup)
 from finetune.model.load import (build_base_model, load_tokenizer, parameter_counts, resolve_dtype,
                                  save_base_for_reload, wrap_peft)
 from finetune.tasks import Task, get_task
@@ -282,17 +284,26 @@ class Trainer:
         if self.is_main:
             tmp.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        self.writer.write_rank_files(tmp, acc.process_index)
-        weights = self.strategy.trainable_state(acc, self.model)  # a collective when sharded
-        self.strategy.save_optimizer(acc, self.optimizer, tmp)
-        if self.is_main:
-            state = self.state.to_json(self.resume_key(), self.feed.steps_per_epoch)
-            self.writer.write_main_files(tmp, weights, self.scheduler, state,
-                                         scaler=self.acc.scaler)  # fp16 loss scale (GPU)
-        acc.wait_for_everyone()
+        failure = None
+        try:  # a failed write (disk full): temp dir removed, one CheckpointError line (exit 8)
+            with self.writer.writing(tmp):
+                weights = self.strategy.trainable_state(acc, self.model)  # a collective when sharded
+                self.strategy.save_optimizer(acc, self.optimizer, tmp)
+                self.writer.write_rank_files(tmp, acc.process_index)  # after the collectives
+                if self.is_main:
+                    state = self.state.to_json(self.resume_key(), self.feed.steps_per_epoch)
+                    self.writer.write_main_files(tmp, weights, self.scheduler, state,
+                                                 scaler=self.acc.scaler)  # fp16 loss scale (GPU)
+        except CheckpointError as exc:
+            failure = exc
+        if all_reduce_sum(acc, [float(failure is not None)])[0]:  # every rank stops, none waits
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise failure or CheckpointError(f"another rank could not write its part of {tmp}; "
+                                             "see its log (nothing was published)")
         final = None
         if self.is_main:
-            final = self.writer.publish(tmp, self.state.step)
+            with self.writer.writing(tmp):
+                final = self.writer.publish(tmp, self.state.step)
             best = self.state.best_step
             self.writer.prune(self.cfg.trainer.keep_last, {ckpt.step_dir_name(best)} if best is not None else set())
             log.info("checkpoint (%s): %s", reason, final)

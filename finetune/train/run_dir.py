@@ -1,12 +1,16 @@
-"""Where a run writes: ``output_dir``, or a fresh ``runs/<recipe>-<time>`` chosen once by rank 0."""
+"""Where a run writes: ``output_dir``, or a fresh ``runs/<recipe>-<time>`` chosen once by rank 0;
+a directory that cannot be made or written is one ConfigError line."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+from finetune.errors import ConfigError
 
 
 def default_run_dir(recipe: str) -> Path:
@@ -27,7 +31,7 @@ def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
     from finetune.distributed import broadcast_str
 
     if cfg.output_dir:
-        return Path(cfg.output_dir).expanduser().resolve()
+        return ensure_run_dir(Path(cfg.output_dir))
     chosen = None
     if accelerator is None or accelerator.is_main_process:
         if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
@@ -39,4 +43,27 @@ def resolve_run_dir(cfg: DictConfig, accelerator=None) -> Path:
             chosen = str(default_run_dir(cfg.recipe))
     if accelerator is not None:
         chosen = broadcast_str(accelerator, chosen)
-    return Path(chosen).resolve()
+    return ensure_run_dir(Path(chosen))
+
+
+def ensure_run_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) and check a file can be written in it; returns it
+    resolved. ``output_dir=/proc/x``, a path under a file, a read-only mount: ConfigError."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"output_dir={path}: cannot create {path} (a file of that name exists); "
+                          "choose a writable directory") from None
+    except OSError as exc:
+        where = exc.filename or path
+        raise ConfigError(f"output_dir={path}: cannot create {where} ({exc.strerror}); "
+                          "choose a writable directory") from None
+    try:  # mkdir succeeds on an existing read-only dir: writing is what the run needs
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"output_dir={path}: cannot write in {path} ({exc.strerror}); "
+                          "choose a writable directory") from None
+    return path.resolve()

@@ -20,6 +20,7 @@ def run_train(cfg: DictConfig) -> int:
     from finetune.model.load import check_environment
     from finetune.train.loop import Trainer
     from finetune.train.run_dir import resolve_run_dir
+    from finetune.train.run_lock import RunLock
 
     check_world(cfg)
     check_environment(cfg)
@@ -29,13 +30,19 @@ def run_train(cfg: DictConfig) -> int:
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)
     OmegaConf.set_struct(cfg, True)
-    trainer = Trainer(cfg, accelerator, run_dir, strategy)
-    trainer.setup()
-    code = None
+    # One live run per run dir (a requeued job next to a stale one): the main process holds the lock.
+    lock = RunLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
-        code = trainer.train()
+        trainer = Trainer(cfg, accelerator, run_dir, strategy)
+        trainer.setup()
+        code = None
+        try:
+            code = trainer.train()
+        finally:
+            trainer.emit("on_run_end", code)  # report, export, Hub after a finished run (callbacks.py)
     finally:
-        trainer.emit("on_run_end", code)  # report, export, Hub after a finished run (callbacks.py)
+        if lock is not None:
+            lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     reset_accelerate_state()
