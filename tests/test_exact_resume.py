@@ -165,3 +165,51 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert proc.returncode == 5
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "different model or peft config" in lines[0]
+
+
+def _last_step(run_dir) -> int:
+    """The last logged train step (0 before any; a line being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        steps += [row["step"]] if "loss" in row else []
+    return steps[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_twenty_kill_9_at_random_moments_then_resume_gives_the_same_losses(reference, tmp_path):
+    """20 kill -9s at seeded random moments: 5 during start-up (data, model, checkpoint loading),
+    15 at random steps, a random fraction of a step late (mid-step, mid-save). Each restart is
+    ``resume=auto`` (taking over the dead run's lock); the losses equal the uninterrupted run's."""
+    import random
+
+    _, ref_losses = reference
+    run_dir = tmp_path / "killed-20"
+    args = [*COMMON, "trainer.save_steps=2", "trainer.keep_last=2", f"output_dir={run_dir}", "resume=auto"]
+    rng = random.Random(20)
+    moments = [("startup", rng.uniform(0.3, 4.0)) for _ in range(5)] + \
+              [("step", s) for s in sorted(rng.choices(range(2, 39), k=15))]
+    rng.shuffle(moments)
+    for kind, at in moments:
+        proc = _popen(args)
+        deadline = time.time() + 300
+        if kind == "startup":
+            time.sleep(at)
+        else:
+            while time.time() < deadline and proc.poll() is None:
+                if _last_step(run_dir) >= at:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.15))
+        assert proc.poll() is None, f"the run ended before the kill at {kind} {at}: {proc.stderr.read()[-2000:]}"
+        proc.kill()
+        proc.wait()
+        for ckpt in sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").exists() else []:
+            _assert_loadable(ckpt)
+    run_cli(args, check=True)
+    assert train_losses(run_dir) == ref_losses
