@@ -52,6 +52,8 @@ class DataColumns:
     text: str = "text"
     label: str = "label"
     system: str = "system"
+    chosen: str = "chosen"  # data.format=preference
+    rejected: str = "rejected"
 
 
 @dataclass
@@ -70,7 +72,8 @@ class DataSource:
 class DataConfig:
     # builtin:sample | builtin:sample-classification | a Hub dataset id | a local file, dir or glob
     path: str = MISSING
-    format: str = "alpaca"  # alpaca | messages | sharegpt | prompt_completion | text | classification
+    # alpaca | messages | sharegpt | prompt_completion | text | classification | preference
+    format: str = "alpaca"
     name: Optional[str] = None  # Hub dataset config name
     split: str = "train"
     revision: Optional[str] = None
@@ -224,6 +227,17 @@ class ExportConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference tuning (model.task=dpo; finetune/tasks/preference.py has the formulas)."""
+
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo (TRL's names)
+    beta: float = 0.1  # DPO's beta (IPO's tau; SimPO's beta; ORPO: the rewards' scale only)
+    label_smoothing: float = 0.0  # sigmoid / robust / simpo: assumed share of flipped labels, [0, 0.5)
+    gamma: float = 0.5  # SimPO's target margin (reward units; TRL's simpo_gamma = gamma / beta)
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term next to its SFT term (TRL's beta)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +249,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     recipe: str = "lora-llm"  # set by the recipe YAML
     output_dir: Optional[str] = None  # default: runs/<recipe>-<timestamp>, the same on every rank
     seed: int = 42

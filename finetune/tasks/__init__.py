@@ -24,6 +24,7 @@ from finetune.registry import Registry
 TASKS = Registry("model.task", {
     "causal-lm": "finetune.tasks.causal_lm:CausalLMTask",
     "sequence-classification": "finetune.tasks.classification:SequenceClassificationTask",
+    "dpo": "finetune.tasks.preference:DPOTask",
 })
 
 
