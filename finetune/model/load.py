@@ -117,6 +117,8 @@ def build_base_model(cfg: DictConfig, tokenizer, task, *, label_names: list[str]
         # Seeded by the caller (set_seed) so the same seed rebuilds the same weights.
         with torch.device("meta") if meta else nullcontext():
             model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+        if not meta:
+            task.after_load(model, tokenizer)
         return model
     path = str(builtin.minilm_path()) if name == "all-minilm-l6-v2" else cfg.model.name_or_path
     common = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)

@@ -12,7 +12,7 @@ finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods a
 order: ``check_config`` (with the whole config, before anything is built) -> ``encode`` /
 ``target_count`` (data preparation, cached) -> ``auto_model_class`` / ``model_kwargs`` /
 ``after_load`` (model) -> ``setup`` (the run's device is known) -> per step ``collator`` rows ->
-``loss_sum`` / ``count_targets`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+``loss_sum`` / ``count_targets`` -> per log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,15 @@ class Task:
     def count_targets(self, batch: dict) -> int:
         """Targets in a host-side batch: what the step's loss is normalised by."""
         raise NotImplementedError
+
+    def train_metric_sums(self) -> dict:
+        """Metric sums (device tensors) over the training batches since the last call, then reset;
+        the metrics callback sums them over ranks at each log step. {} (default): none."""
+        return {}
+
+    def train_metrics(self, sums: dict) -> dict:
+        """The train row's extra fields from :meth:`train_metric_sums` summed over ranks."""
+        return {}
 
     # ---------------------------------------------------------------- eval
     def eval_sums(self, model, batch: dict) -> tuple:

@@ -179,7 +179,9 @@ class PairCollator:
 class DPOTask(Task):
     """DPO and its relatives on (prompt, chosen, rejected) pairs; ``pref.*`` picks the loss.
 
-    Train rows of metrics.jsonl carry the step's mean loss; eval rows add ``eval_rewards/chosen``,
+    Train rows of metrics.jsonl carry the loss and ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margin``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected`` (means over
+    the pairs since the last log, all ranks); eval rows add ``eval_rewards/chosen``,
     ``eval_rewards/rejected``, ``eval_rewards/margin``, ``eval_rewards/accuracy`` (chosen scored
     above rejected), ``eval_logps/chosen`` and ``eval_logps/rejected`` (means over pairs).
     """
@@ -193,6 +195,7 @@ class DPOTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.ref_model = None  # full fine-tuning: the frozen copy (after_load)
+        self._train_sums: dict = {}  # metric sums of the training batches since the last log
 
     def check_config(self, cfg) -> list[str]:
         problems = super().check_config(cfg)
@@ -286,7 +289,26 @@ class DPOTask(Task):
             return completion_logps(reference, batch)[0]
 
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
-        return self.pair_outputs(model, batch)[0].sum()
+        losses, rc, rr, logps = self.pair_outputs(model, batch)
+        for name, value in self._pair_sums(rc, rr, logps).items():  # the train row's rewards
+            self._train_sums[name] = self._train_sums.get(name, 0) + value
+        return losses.sum()
+
+    @staticmethod
+    def _pair_sums(rc, rr, logps) -> dict:
+        n = len(rc)
+        return {"pairs": torch.tensor(float(n), device=rc.device), "rewards/chosen": rc.sum(),
+                "rewards/rejected": rr.sum(), "rewards/margin": (rc - rr).sum(),
+                "rewards/accuracy": (rc > rr).float().sum(), "logps/chosen": logps[:n].sum(),
+                "logps/rejected": logps[n:].sum()}
+
+    def train_metric_sums(self) -> dict:
+        sums, self._train_sums = self._train_sums, {}
+        return sums
+
+    def train_metrics(self, sums: dict) -> dict:
+        pairs = max(sums.pop("pairs"), 1.0)
+        return {k: v / pairs for k, v in sums.items()}
 
     def count_targets(self, batch: dict) -> int:
         return int(batch["num_pairs"])
@@ -294,11 +316,9 @@ class DPOTask(Task):
     # ---------------------------------------------------------------- eval
     def eval_sums(self, model, batch: dict):
         losses, rc, rr, logps = self.pair_outputs(model, batch)
-        n = len(losses)
-        return losses.sum(), {"rewards/chosen": float(rc.sum()), "rewards/rejected": float(rr.sum()),
-                              "rewards/margin": float((rc - rr).sum()),
-                              "rewards/accuracy": float((rc > rr).sum()),
-                              "logps/chosen": float(logps[:n].sum()), "logps/rejected": float(logps[n:].sum())}
+        sums = self._pair_sums(rc, rr, logps)
+        del sums["pairs"]  # the eval's count is count_targets
+        return losses.sum(), {k: float(v) for k, v in sums.items()}
 
     def eval_metrics(self, sums: dict, count: float) -> dict:
         return {f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()}
