@@ -320,3 +320,36 @@ def test_cli_run_resumes_bit_identically(tmp_path, pairs_file):
     assert rewards(resumed) == rewards(ref)[4:]
     evals = [r for r in read_metrics(ref) if "eval_loss" in r]
     assert evals and {"eval_rewards/accuracy", "eval_rewards/margin", "eval_logps/chosen"} <= set(evals[-1])
+
+
+# ----------------------------------------------------------------------------- from an SFT run
+@pytest.fixture(scope="module")
+def sft_final(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    run_cli(["recipe=lora-llm", "trainer.max_steps=6", "trainer.micro_batch_size=8", "trainer.eval_steps=0",
+             "trainer.sample_prompts=0", "optim.lr=1e-2", f"output_dir={run_dir}"], check=True)
+    return run_dir / "final"
+
+
+def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, pairs_file, sft_final):
+    trainer = build_trainer(_overrides(pairs_file, f"model.adapter_path={sft_final}", "trainer.max_steps=2",
+                                       "trainer.micro_batch_size=4", "trainer.eval_steps=0", "trainer.log_steps=1"),
+                            tmp_path / "dpo")
+    model = trainer.acc.unwrap_model(trainer.model)
+    assert set(model.peft_config) == {"default", "reference"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default" in n for n in trainable)
+    batch = trainer.collate([trainer.data.train[i] for i in range(4)])
+    with torch.no_grad():
+        policy = trainer.task.pair_outputs(trainer.model, batch)[3]
+        reference = trainer.task.reference_logps(trainer.model, batch)
+        with model.disable_adapter():
+            base = trainer.task.pair_outputs(trainer.model, batch)[3]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # switch restored
+    assert torch.allclose(policy, reference, atol=1e-6)  # the policy starts as the SFT model
+    assert not torch.allclose(reference, base, atol=1e-2)  # ... which is not the base
+    assert trainer.train() == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "dpo") if "loss" in r]
+    assert abs(losses[0] - math.log(2)) < 1e-6
+    final = tmp_path / "dpo" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "reference").exists()

@@ -38,6 +38,10 @@ class ModelConfig:
     # deepseek-r1: finetune/data/chat_templates/), a file (.jinja, or .json with a chat_template
     # field, e.g. a tokenizer_config.json) or a Jinja string. The cache key includes the template.
     chat_template: Optional[str] = None
+    # A LoRA adapter directory (e.g. an SFT run's final/) to continue training instead of a new
+    # adapter (its own r / alpha / targets apply); the base must be the one it was trained on (for
+    # built-in models: the same model.name_or_path and seed). model.task=dpo: the reference is it.
+    adapter_path: Optional[str] = None
 
 
 @dataclass

@@ -30,7 +30,10 @@ def write_final(trainer) -> Path:
     if cfg.peft.method == "lora":
         # The adapter must point at a base that loads offline (built-ins were saved to base_model/).
         model.peft_config["default"].base_model_name_or_path = trainer.base_ref
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        # The trained adapter only (a DPO run also holds a frozen "reference" adapter).
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True, selected_adapters=["default"])
+    else:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -63,6 +63,9 @@ class Task:
     def after_load(self, model, tokenizer) -> None:
         """Adjust a loaded pretrained model (e.g. its pad token id)."""
 
+    def after_wrap(self, model) -> None:
+        """Adjust the LoRA-wrapped model (e.g. load a frozen reference adapter next to the trained one)."""
+
     def setup(self, device_type: str) -> None:
         """Called once the run's device is known (e.g. to pick a loss implementation)."""
 

@@ -116,17 +116,14 @@ def reference_of(model):
     else the base with every adapter disabled. The trainable adapter is active again afterwards."""
     peft_model = _unwrap(model)
     if REFERENCE_ADAPTER in getattr(peft_model, "peft_config", {}):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
-        previous = [m._active_adapter for m in layers]
-        for m in layers:  # the flag only: requires_grad of both adapters stays as it is
-            m._active_adapter = [REFERENCE_ADAPTER]
+        # As TRL's use_adapter: set_adapter also flips requires_grad, and switching back restores
+        # it (the trained adapter trainable, the reference frozen) before any backward.
+        previous = peft_model.active_adapter
+        peft_model.set_adapter(REFERENCE_ADAPTER)
         try:
             yield peft_model
         finally:
-            for m, name in zip(layers, previous):
-                m._active_adapter = name
+            peft_model.set_adapter(previous)
     else:
         with peft_model.disable_adapter():
             yield peft_model
@@ -218,6 +215,11 @@ class DPOTask(Task):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
+
+    def after_wrap(self, model) -> None:
+        adapter = self.cfg.model.adapter_path
+        if adapter and self.needs_reference:  # the SFT adapter, loaded again and frozen: the reference
+            model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
 
     def after_load(self, model, tokenizer) -> None:
         if self.needs_reference and self.cfg.peft.method == "none":
