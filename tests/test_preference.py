@@ -353,3 +353,27 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, pairs_file, 
     assert abs(losses[0] - math.log(2)) < 1e-6
     final = tmp_path / "dpo" / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "reference").exists()
+
+
+# ----------------------------------------------------------------------------- reward model
+def test_reward_model_loss_and_accuracy_equal_direct_computation(tmp_path, pairs_file):
+    trainer = build_trainer(_overrides(pairs_file, "recipe=reward-llm", "pref.margin=0.5",
+                                       "pref.center_coef=0.01"), tmp_path / "rm")
+    model = trainer.acc.unwrap_model(trainer.model)
+    assert model.config.num_labels == 1
+    assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)  # the head trains
+    _perturb(model)
+    model.eval()
+    rows = [1, 4, 9, 16, 25]
+    batch = trainer.collate([trainer.data.train[i] for i in rows])
+    with torch.no_grad():
+        got = float(trainer.task.loss_sum(model, batch))
+        _, metrics = trainer.task.eval_sums(model, batch)
+        want, correct = 0.0, 0
+        for i in rows:  # each sequence alone, unpadded: its score at the last token
+            (c_ids, _), (r_ids, _) = _pair_sequences(trainer, i)
+            rc, rr = (float(model(input_ids=torch.as_tensor(s)[None]).logits[0, 0]) for s in (c_ids, r_ids))
+            want += -logsig(rc - rr - 0.5) + 0.01 * (rc + rr) ** 2
+            correct += rc > rr
+    assert abs(got - want) < 1e-4, (got, want)
+    assert metrics["rewards/accuracy"] == correct and "logps/chosen" not in metrics

@@ -232,13 +232,15 @@ class ExportConfig:
 
 @dataclass
 class PrefConfig:
-    """Preference tuning (model.task=dpo; finetune/tasks/preference.py has the formulas)."""
+    """Preference tuning (model.task=dpo | reward; finetune/tasks/preference.py has the formulas)."""
 
     loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo (TRL's names)
     beta: float = 0.1  # DPO's beta (IPO's tau; SimPO's beta; ORPO: the rewards' scale only)
     label_smoothing: float = 0.0  # sigmoid / robust / simpo: assumed share of flipped labels, [0, 0.5)
     gamma: float = 0.5  # SimPO's target margin (reward units; TRL's simpo_gamma = gamma / beta)
     orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term next to its SFT term (TRL's beta)
+    margin: float = 0.0  # model.task=reward: the score margin chosen must beat rejected by
+    center_coef: float = 0.0  # model.task=reward: weight of (r_chosen + r_rejected)^2 (TRL's center_rewards_coefficient)
 
 
 @dataclass

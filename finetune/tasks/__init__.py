@@ -25,6 +25,7 @@ TASKS = Registry("model.task", {
     "causal-lm": "finetune.tasks.causal_lm:CausalLMTask",
     "sequence-classification": "finetune.tasks.classification:SequenceClassificationTask",
     "dpo": "finetune.tasks.preference:DPOTask",
+    "reward": "finetune.tasks.preference:RewardTask",
 })
 
 

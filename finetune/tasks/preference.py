@@ -297,12 +297,14 @@ class DPOTask(Task):
         return losses.sum()
 
     @staticmethod
-    def _pair_sums(rc, rr, logps) -> dict:
+    def _pair_sums(rc, rr, logps=None) -> dict:
         n = len(rc)
-        return {"pairs": torch.tensor(float(n), device=rc.device), "rewards/chosen": rc.sum(),
+        sums = {"pairs": torch.tensor(float(n), device=rc.device), "rewards/chosen": rc.sum(),
                 "rewards/rejected": rr.sum(), "rewards/margin": (rc - rr).sum(),
-                "rewards/accuracy": (rc > rr).float().sum(), "logps/chosen": logps[:n].sum(),
-                "logps/rejected": logps[n:].sum()}
+                "rewards/accuracy": (rc > rr).float().sum()}
+        if logps is not None:
+            sums.update({"logps/chosen": logps[:n].sum(), "logps/rejected": logps[n:].sum()})
+        return sums
 
     def train_metric_sums(self) -> dict:
         sums, self._train_sums = self._train_sums, {}
@@ -324,3 +326,38 @@ class DPOTask(Task):
 
     def eval_metrics(self, sums: dict, count: float) -> dict:
         return {f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()}
+
+
+class RewardTask(DPOTask):
+    """A Bradley-Terry reward model: a sequence classifier with one output scores each sequence
+    (at its last token); per pair ``-logsig(r_c - r_r - pref.margin) + pref.center_coef (r_c + r_r)^2``
+    (the centering regulariser keeps the scores near zero). Same rows, collator and normaliser
+    (pairs) as DPO; no reference. ``rewards/accuracy``: chosen scored above rejected."""
+
+    name = "reward"
+    peft_task_type = "SEQ_CLS"
+    needs_eos = False
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    def auto_model_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, cfg, label_names):
+        return {"num_labels": 1}
+
+    def after_load(self, model, tokenizer) -> None:
+        if model.config.pad_token_id is None:  # right-padded pairs: the score is read at the last real token
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    def pair_outputs(self, model, batch: dict):
+        p = self.cfg.pref
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        n = scores.shape[0] // 2
+        rc, rr = scores[:n], scores[n:]
+        losses = -F.logsigmoid(rc - rr - p.margin) + p.center_coef * (rc + rr) ** 2
+        return losses, rc.detach(), rr.detach(), None
