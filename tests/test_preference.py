@@ -377,3 +377,16 @@ def test_reward_model_loss_and_accuracy_equal_direct_computation(tmp_path, pairs
             correct += rc > rr
     assert abs(got - want) < 1e-4, (got, want)
     assert metrics["rewards/accuracy"] == correct and "logps/chosen" not in metrics
+
+
+def test_model_card_names_the_method_and_beta(tmp_path):
+    from finetune.outputs.model_card import build_card_data, hyperparameter_rows
+
+    config = {"model": {"task": "dpo"}, "pref": {"loss": "ipo", "beta": 0.25, "label_smoothing": 0.0},
+              "peft": {"method": "none"}, "optim": {"lr": 1e-3}}
+    rows = dict(hyperparameter_rows(config))
+    assert rows["method"] == "preference tuning, pref.loss=ipo" and rows["beta"] == 0.25
+    assert {"dpo", "ipo"} <= set(build_card_data(tmp_path, config).tags)
+    reward = {"model": {"task": "reward"}, "pref": {"margin": 0.0, "center_coef": 0.01}, "peft": {"method": "none"}}
+    assert dict(hyperparameter_rows(reward))["method"] == "Bradley-Terry reward model"
+    assert build_card_data(tmp_path, reward).pipeline_tag == "text-classification"
