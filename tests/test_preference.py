@@ -289,7 +289,12 @@ def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file):
                      dataloader_num_workers=0)
     trl = Recording(model=copy.deepcopy(start), ref_model=copy.deepcopy(start).eval(), args=args,
                     train_dataset=data, processing_class=ours.tokenizer)
-    trl.train()
+    try:
+        trl.train()
+    finally:  # TRL's Accelerator set the process-wide state; later in-process runs build their own
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert len(seen) == steps == len(mine)
     for a, b in zip(mine, seen):  # shown with pytest -s
         print(f"step {a['step']}: loss {a['loss']:.7f} vs TRL {b['loss']:.7f}; margin "
