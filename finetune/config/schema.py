@@ -38,6 +38,10 @@ class ModelConfig:
     # deepseek-r1: finetune/data/chat_templates/), a file (.jinja, or .json with a chat_template
     # field, e.g. a tokenizer_config.json) or a Jinja string. The cache key includes the template.
     chat_template: Optional[str] = None
+    # A LoRA adapter directory (e.g. an SFT run's final/) to continue training instead of a new
+    # adapter (its own r / alpha / targets apply); the base must be the one it was trained on (for
+    # built-in models: the same model.name_or_path and seed). model.task=dpo: the reference is it.
+    adapter_path: Optional[str] = None
 
 
 @dataclass
@@ -52,6 +56,8 @@ class DataColumns:
     text: str = "text"
     label: str = "label"
     system: str = "system"
+    chosen: str = "chosen"  # data.format=preference
+    rejected: str = "rejected"
 
 
 @dataclass
@@ -70,7 +76,8 @@ class DataSource:
 class DataConfig:
     # builtin:sample | builtin:sample-classification | a Hub dataset id | a local file, dir or glob
     path: str = MISSING
-    format: str = "alpaca"  # alpaca | messages | sharegpt | prompt_completion | text | classification
+    # alpaca | messages | sharegpt | prompt_completion | text | classification | preference
+    format: str = "alpaca"
     name: Optional[str] = None  # Hub dataset config name
     split: str = "train"
     revision: Optional[str] = None
@@ -224,6 +231,19 @@ class ExportConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference tuning (model.task=dpo | reward; finetune/tasks/preference.py has the formulas)."""
+
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo (TRL's names)
+    beta: float = 0.1  # DPO's beta (IPO's tau; SimPO's beta; ORPO: the rewards' scale only)
+    label_smoothing: float = 0.0  # sigmoid / robust / simpo: assumed share of flipped labels, [0, 0.5)
+    gamma: float = 0.5  # SimPO's target margin (reward units; TRL's simpo_gamma = gamma / beta)
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term next to its SFT term (TRL's beta)
+    margin: float = 0.0  # model.task=reward: the score margin chosen must beat rejected by
+    center_coef: float = 0.0  # model.task=reward: weight of (r_chosen + r_rejected)^2 (TRL's center_rewards_coefficient)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +255,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     recipe: str = "lora-llm"  # set by the recipe YAML
     output_dir: Optional[str] = None  # default: runs/<recipe>-<timestamp>, the same on every rank
     seed: int = 42

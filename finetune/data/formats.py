@@ -5,7 +5,11 @@
   list of ``{"role", "content"}`` messages (``reasoning_content`` where given);
 - prompt_completion -> ``(prompt, completion)`` raw strings (no chat template);
 - text -> a document string (continued pretraining);
-- classification -> ``(text, label)``.
+- classification -> ``(text, label)``;
+- preference -> a :class:`PreferencePair` of two chats sharing one prompt: ``prompt`` (a string or
+  messages) + ``chosen`` / ``rejected`` (strings, an assistant message or messages), or
+  LLaMA-Factory's sharegpt ranking layout (``conversations`` + ``chosen`` / ``rejected`` objects
+  with ``from`` / ``value``), detected per row.
 
 A bad record raises :class:`BadExample` naming the field; the caller adds file:line and decides
 (``data.on_bad_example``) whether that ends the run or the row is skipped and counted.
@@ -151,7 +155,74 @@ def to_labelled(row: dict, data: FormatSpec) -> tuple[str, str]:
     return text, str(row[cols.label])
 
 
+class PreferencePair(tuple):
+    """(chosen chat, rejected chat): the same prompt messages, each ending with its completion."""
+
+    @property
+    def chosen(self) -> list[dict]:
+        return self[0]
+
+    @property
+    def rejected(self) -> list[dict]:
+        return self[1]
+
+
+def _completion(value, column: str) -> list[dict]:
+    """A completion as assistant messages: a string, one message, or a list of messages."""
+    if value is None:
+        raise BadExample(f"missing field {column!r} (data.columns.{column})")
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    elif isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise BadExample(f"field {column!r} must be a string, a message or a list of messages, "
+                         f"got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        role = m.get("role", SHAREGPT_ROLES.get(str(m.get("from", "")).lower()))
+        content = m.get("content", m.get("value"))
+        if role != "assistant":
+            raise BadExample(f"field {column!r}: message {i} must be an assistant message, got role {role!r}")
+        if not isinstance(content, str):
+            raise BadExample(f"field {column!r}: message {i} content must be a string, "
+                             f"got {type(content).__name__}")
+        out.append({"role": "assistant", "content": content})
+    if not out or not "".join(m["content"] for m in out).strip():
+        raise BadExample(f"field {column!r} is empty")
+    return out
+
+
+def to_preference(row: dict, data: FormatSpec) -> PreferencePair:
+    cols = data.columns
+    if cols.conversations in row and cols.prompt not in row:  # sharegpt ranking layout
+        if not isinstance(row[cols.conversations], list):
+            raise BadExample(f"field {cols.conversations!r} must be a list of messages")
+        prompt = to_chat({cols.conversations: row[cols.conversations] + [{"from": "gpt", "value": "x"}]},
+                         FormatSpec("sharegpt", cols, data.system_prompt))[:-1]
+    else:
+        value = row.get(cols.prompt)
+        if value is None:
+            raise BadExample(f"missing field {cols.prompt!r} (data.columns.prompt={cols.prompt})")
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadExample(f"field {cols.prompt!r} is empty")
+            prompt = [{"role": "user", "content": value}]
+        elif isinstance(value, list):
+            prompt = to_chat({cols.messages: value + [{"role": "assistant", "content": "x"}]},
+                             FormatSpec("messages", cols, None))[:-1]
+        else:
+            raise BadExample(f"field {cols.prompt!r} must be a string or a list of messages, "
+                             f"got {type(value).__name__}")
+        prompt = _with_system(prompt, data.system_prompt)
+    chosen, rejected = _completion(row.get(cols.chosen), cols.chosen), _completion(row.get(cols.rejected),
+                                                                                  cols.rejected)
+    if chosen == rejected:
+        raise BadExample(f"fields {cols.chosen!r} and {cols.rejected!r} are identical")
+    return PreferencePair((prompt + chosen, prompt + rejected))
+
+
 # data.format -> the function that formats one row (the valid choices of data.format).
 FORMATS = {"alpaca": to_chat, "messages": to_chat, "sharegpt": to_chat,
-           "prompt_completion": to_completion, "text": to_text, "classification": to_labelled}
+           "prompt_completion": to_completion, "text": to_text, "classification": to_labelled, "preference": to_preference}
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt")  # formats that can be mixed in data.sources

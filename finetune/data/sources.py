@@ -31,6 +31,7 @@ SAMPLE_DIR = Path(__file__).parent / "sample"
 BUILTIN = {
     "builtin:sample": ("instructions-train.jsonl", "instructions-eval.jsonl"),
     "builtin:sample-classification": ("reviews-train.jsonl", "reviews-eval.jsonl"),
+    "builtin:sample-preference": ("preference-train.jsonl", "preference-eval.jsonl"),
 }
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".txt"}
 LOCAL_SUFFIXES = TEXT_SUFFIXES | {".parquet", ".arrow"}

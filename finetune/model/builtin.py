@@ -118,7 +118,9 @@ def built_in_config(name: str, tokenizer, task_kwargs: dict):
     """The model config of a built-in made in code, sized by its tokenizer; ``task_kwargs`` are
     the task's model arguments (num_labels, id2label, ...)."""
     if name == "tiny-llama":
-        return tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        config.update(task_kwargs)  # e.g. num_labels=1: a reward model's single score
+        return config
     config = tiny_bert_config(len(tokenizer), tokenizer.pad_token_id, task_kwargs["num_labels"])
     config.update({k: v for k, v in task_kwargs.items() if k != "num_labels"})
     return config

@@ -117,6 +117,8 @@ def build_base_model(cfg: DictConfig, tokenizer, task, *, label_names: list[str]
         # Seeded by the caller (set_seed) so the same seed rebuilds the same weights.
         with torch.device("meta") if meta else nullcontext():
             model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+        if not meta:
+            task.after_load(model, tokenizer)
         return model
     path = str(builtin.minilm_path()) if name == "all-minilm-l6-v2" else cfg.model.name_or_path
     common = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
@@ -157,12 +159,23 @@ def _modules_to_save(cfg: DictConfig) -> list[str] | None:
 
 def wrap_peft(model, cfg: DictConfig, task):
     """LoRA-wrap ``model`` (peft.method=lora); full fine-tuning returns it unchanged."""
+    adapter = cfg.model.adapter_path
     if cfg.peft.method == "none":
+        if adapter:
+            raise ConfigError(f"model.adapter_path={adapter} continues a LoRA adapter: set peft=lora "
+                              "(or export/merge it first and pass the merged model as model.name_or_path)")
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     if cfg.model.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if adapter and not next(model.parameters()).is_meta:  # dry runs (meta weights) plan a new adapter
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"model.adapter_path={adapter}: no adapter_config.json there; pass a LoRA "
+                              "run's final/ directory")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        task.after_wrap(model)
+        return model
     lora = LoraConfig(
         r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
         target_modules=lora_targets(cfg),
@@ -171,7 +184,9 @@ def wrap_peft(model, cfg: DictConfig, task):
         task_type=task.peft_task_type,
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+        task.after_wrap(model)
+        return model
     except ValueError as exc:
         raise ConfigError(f"peft.target_modules: {str(exc).splitlines()[0][:300]}") from exc
 

@@ -32,8 +32,10 @@ def write_final(trainer) -> Path:
     if cfg.peft.method == "lora":
         # The adapter must point at a base that loads offline (built-ins were saved to base_model/).
         model.peft_config["default"].base_model_name_or_path = trainer.base_ref
+    # The trained adapter only (a DPO run also holds a frozen "reference" adapter).
+    adapters = {"selected_adapters": ["default"]} if cfg.peft.method == "lora" else {}
     with ckpt.guard_temp_dir(tmp, final, needed_bytes=ckpt.tree_size(final) or None):  # disk full: exit 8
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True, **adapters)
         trainer.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -93,12 +93,15 @@ def dataset_ids(config: dict) -> list[str]:
 
 def build_card_data(run_dir: Path, config: dict) -> ModelCardData:
     is_lora = (run_dir / "final" / "adapter_config.json").exists()
-    classifier = run_task(run_dir, config) == "sequence-classification"
+    task = run_task(run_dir, config)
+    classifier = task in ("sequence-classification", "reward")  # a reward model is a 1-output classifier
     base = base_model_name(run_dir, config)
+    method = {"dpo": [str(pick(config, "pref.loss", "sigmoid")), "dpo"], "reward": ["reward-model"]}.get(task, [])
     return ModelCardData(
         base_model=base if looks_like_hub_id(base) else None,
         library_name="peft" if is_lora else "transformers",
-        tags=["finetune", "lora" if is_lora else "full", "text-classification" if classifier else "text-generation"],
+        tags=["finetune", "lora" if is_lora else "full", "text-classification" if classifier else "text-generation",
+              *method],
         datasets=dataset_ids(config) or None,
         license=pick(config, "hub.license") or base_model_license(base) or "other",
         pipeline_tag="text-classification" if classifier else "text-generation",
@@ -111,6 +114,17 @@ def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
             ("epochs", pick(config, "trainer.epochs")), ("micro batch size", pick(config, "trainer.micro_batch_size")),
             ("gradient accumulation", pick(config, "trainer.grad_accum")),
             ("max sequence length", pick(config, "data.max_seq_len")), ("packing", pick(config, "data.packing"))]
+    task = pick(config, "model.task")
+    if task == "dpo":  # preference tuning: the method and its beta (finetune/tasks/preference.py)
+        loss = pick(config, "pref.loss", "sigmoid")
+        rows = [("method", f"preference tuning, pref.loss={loss}"), ("beta", pick(config, "pref.beta")),
+                ("label smoothing", pick(config, "pref.label_smoothing")),
+                ("SimPO gamma", pick(config, "pref.gamma") if loss == "simpo" else None),
+                ("ORPO lambda", pick(config, "pref.orpo_lambda") if loss == "orpo" else None),
+                ("started from adapter", pick(config, "model.adapter_path")), *rows]
+    elif task == "reward":
+        rows = [("method", "Bradley-Terry reward model"), ("margin", pick(config, "pref.margin")),
+                ("centering coefficient", pick(config, "pref.center_coef")), *rows]
     if pick(config, "peft.method", "lora") == "lora":
         targets = pick(config, "peft.target_modules") or pick(config, "model.lora_target_modules")
         rows += [("LoRA r", pick(config, "peft.r")), ("LoRA alpha", pick(config, "peft.alpha")),

@@ -12,7 +12,7 @@ finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods a
 order: ``check_config`` (with the whole config, before anything is built) -> ``encode`` /
 ``target_count`` (data preparation, cached) -> ``auto_model_class`` / ``model_kwargs`` /
 ``after_load`` (model) -> ``setup`` (the run's device is known) -> per step ``collator`` rows ->
-``loss_sum`` / ``count_targets`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+``loss_sum`` / ``count_targets`` -> per log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from finetune.registry import Registry
 TASKS = Registry("model.task", {
     "causal-lm": "finetune.tasks.causal_lm:CausalLMTask",
     "sequence-classification": "finetune.tasks.classification:SequenceClassificationTask",
+    "dpo": "finetune.tasks.preference:DPOTask",
+    "reward": "finetune.tasks.preference:RewardTask",
 })
 
 
@@ -62,6 +64,9 @@ class Task:
     def after_load(self, model, tokenizer) -> None:
         """Adjust a loaded pretrained model (e.g. its pad token id)."""
 
+    def after_wrap(self, model) -> None:
+        """Adjust the LoRA-wrapped model (e.g. load a frozen reference adapter next to the trained one)."""
+
     def setup(self, device_type: str) -> None:
         """Called once the run's device is known (e.g. to pick a loss implementation)."""
 
@@ -89,6 +94,15 @@ class Task:
     def count_targets(self, batch: dict) -> int:
         """Targets in a host-side batch: what the step's loss is normalised by."""
         raise NotImplementedError
+
+    def train_metric_sums(self) -> dict:
+        """Metric sums (device tensors) over the training batches since the last call, then reset;
+        the metrics callback sums them over ranks at each log step. {} (default): none."""
+        return {}
+
+    def train_metrics(self, sums: dict) -> dict:
+        """The train row's extra fields from :meth:`train_metric_sums` summed over ranks."""
+        return {}
 
     # ---------------------------------------------------------------- eval
     def eval_sums(self, model, batch: dict) -> tuple:

@@ -105,6 +105,12 @@ class Metrics(Callback):
                "loss": float(losses.mean()), "lr": trainer.scheduler.get_last_lr()[0],
                "tokens_per_s": self.tokens / elapsed, "samples_per_s": self.rows / elapsed,
                "step_time_s": elapsed / len(self.losses), "tokens_seen": trainer.state.tokens_seen}
+        sums = trainer.task.train_metric_sums()  # the task's own train metrics (DPO's rewards)
+        if sums:
+            names = sorted(sums)
+            values = torch.stack([sums[n].float() for n in names])
+            values = acc.reduce(values, reduction="sum") if acc.num_processes > 1 else values
+            row.update(trainer.task.train_metrics(dict(zip(names, values.tolist()))))
         if trainer.state.skipped_steps:
             row["skipped_steps"] = trainer.state.skipped_steps  # not applied: NaN / inf (trainer.nonfinite)
         if self.grad_norm is not None:

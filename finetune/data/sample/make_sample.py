@@ -2,6 +2,8 @@
 
 - ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks whose answer follows from
   the input by a fixed rule, so a tiny character-level model visibly learns them in minutes.
+- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): the instruction rows as pairs,
+  chosen = the right answer, rejected = a plausible wrong one (:func:`wrong_answer`), for DPO.
 - ``reviews-{train,eval}.jsonl`` (text + label): short product reviews labelled
   positive / negative / neutral by the words they contain.
 Written by this project; no third-party data.
@@ -60,6 +62,27 @@ def review_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def wrong_answer(row: dict, rng: random.Random) -> str:
+    """A plausible wrong answer to an instruction row: the rule slightly off, never the right one."""
+    right, word = row["output"], row["input"]
+    if row["instruction"] == "Add the two numbers.":
+        return str(int(right) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    candidates = {
+        "Reverse the word.": [word, word[::-1][1:] + word[0], "".join(sorted(word))],
+        "Write the word in uppercase.": [word, word.capitalize(), word.upper()[:-1]],
+        "Sort the letters of the word alphabetically.": ["".join(sorted(word, reverse=True)), word,
+                                                         "".join(sorted(word))[1:]],
+        "Repeat the word twice.": [word, f"{word} {word} {word}", f"{word}{word}"],
+        "Give the first and last letter.": [f"{word[-1]}{word[0]}", word[:2], word[0]],
+    }[row["instruction"]]
+    return rng.choice([c for c in candidates if c != right] or [right + right[-1]])
+
+
+def preference_rows(rows: list[dict], rng: random.Random) -> list[dict]:
+    return [{"prompt": f"{r['instruction']}\n\n{r['input']}", "chosen": r["output"],
+             "rejected": wrong_answer(r, rng)} for r in rows]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -67,10 +90,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     here = Path(__file__).parent
     rng = random.Random(1234)
-    write_jsonl(here / "instructions-train.jsonl", instruction_rows(rng, 2000))
-    write_jsonl(here / "instructions-eval.jsonl", instruction_rows(rng, 100))
+    train, held_out = instruction_rows(rng, 2000), instruction_rows(rng, 100)
+    write_jsonl(here / "instructions-train.jsonl", train)
+    write_jsonl(here / "instructions-eval.jsonl", held_out)
     write_jsonl(here / "reviews-train.jsonl", review_rows(rng, 1200))
     write_jsonl(here / "reviews-eval.jsonl", review_rows(rng, 150))
+    pref_rng = random.Random(5678)  # its own stream: the files above stay as they were
+    write_jsonl(here / "preference-train.jsonl", preference_rows(train[:1000], pref_rng))
+    write_jsonl(here / "preference-eval.jsonl", preference_rows(held_out, pref_rng))
 
 
 if __name__ == "__main__":
