@@ -189,3 +189,25 @@ def test_chunked_loss_under_autocast_with_hidden_states_in_another_dtype():
     assert abs(float(got.detach()) - float(ref.detach())) <= 1e-4 * abs(float(ref.detach()))
     for a, b in zip(got_grads, ref_grads):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_chunked_token_logprobs_equal_float64_formula(head_trains):
+    """linear_token_logprobs (DPO's per-token log-probs): values and gradients, with any per-token
+    upstream gradient, equal log_softmax(h W^T)[t] in float64; chunks smaller than the rows."""
+    from finetune.model.linear_cross_entropy import linear_token_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=head_trains)
+    t = torch.randint(0, 50, (37,))
+    g = torch.randn(37, dtype=torch.float64)
+    got = linear_token_logprobs(h, w, t, chunk=7)
+    (got * g).sum().backward()
+    got_h, got_w = h.grad.clone(), w.grad.clone() if head_trains else None
+    h.grad = w.grad = None
+    want = torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0]
+    (want * g).sum().backward()
+    assert torch.allclose(got, want, atol=1e-12) and torch.allclose(got_h, h.grad, atol=1e-12)
+    if head_trains:
+        assert torch.allclose(got_w, w.grad, atol=1e-12)

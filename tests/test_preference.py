@@ -167,6 +167,38 @@ def test_lora_reference_equals_frozen_copy(tmp_path, pairs_file):
     assert not torch.allclose(policy, via_adapter, atol=1e-3)  # the policy did move
 
 
+@pytest.mark.parametrize("extra", [(), ("peft=none",)], ids=["lora", "full"])
+def test_precomputed_reference_equals_on_the_fly(tmp_path, pairs_file, extra):
+    common = _overrides(pairs_file, "trainer.micro_batch_size=4", "data.eval_size=6", *extra)
+    live = build_trainer(common, tmp_path / "live")
+    pre = build_trainer([*common, "pref.precompute_ref=true"], tmp_path / "pre")
+    files = list(pre.data.cache_dir.glob("reference-logps-*.safetensors"))
+    assert len(files) == 1 and pre.task.ref_model is None  # full: the frozen copy is dropped
+    table = pre.task.ref_table
+    assert table["train"].shape == (len(pre.data.train), 2) and table["eval"].shape == (6, 2)
+    rows = [0, 5, 17, 42]
+    batch = live.collate([live.data.train[i] for i in rows])
+    with torch.no_grad():
+        want = live.task.reference_logps(live.model, batch)
+    assert torch.allclose(table["train"][rows].T.reshape(-1), want, atol=1e-5)
+    for trainer in (live, pre):
+        _perturb(trainer.acc.unwrap_model(trainer.model))
+    grads, losses = [], []
+    for trainer in (live, pre):
+        batch = {**trainer.collate([trainer.data.train[i] for i in rows]), "row_ids": rows}
+        losses.append(float(trainer.accumulate_gradients([batch], 4)))
+        grads.append({n: p.grad for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
+                      if p.requires_grad})
+    assert abs(losses[0] - losses[1]) < 1e-6 and abs(losses[0] - math.log(2)) > 1e-3
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    a, b = live.evaluate(), pre.evaluate()
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a if k != "step")
+    # The same data and weights read the cached table; another reference (an SFT adapter) is another key.
+    again = build_trainer([*common, "pref.precompute_ref=true"], tmp_path / "again")
+    assert again.task.ref_key == pre.task.ref_key and torch.equal(again.task.ref_table["train"], table["train"])
+
+
 def test_config_problems_are_reported():
     from finetune.errors import ConfigError
 
@@ -309,9 +341,11 @@ def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file):
 
 # ----------------------------------------------------------------------------- whole runs
 @pytest.mark.slow
-def test_cli_run_resumes_bit_identically(tmp_path, pairs_file):
+@pytest.mark.parametrize("reference", ["live", "precomputed"])
+def test_cli_run_resumes_bit_identically(tmp_path, pairs_file, reference):
     common = _overrides(pairs_file, "trainer.max_steps=8", "trainer.log_steps=1", "trainer.eval_steps=0",
-                        "trainer.micro_batch_size=4", "data.eval_size=8")
+                        "trainer.micro_batch_size=4", "data.eval_size=8", f"data.cache_dir={tmp_path / 'cache'}",
+                        f"pref.precompute_ref={reference == 'precomputed'}")
     ref = tmp_path / "ref"
     run_cli([*common, "trainer.save_steps=4", f"output_dir={ref}"], check=True)
     losses = train_losses(ref)
@@ -321,6 +355,8 @@ def test_cli_run_resumes_bit_identically(tmp_path, pairs_file):
     shutil.copytree(ref / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
     run_cli([*common, "resume=auto", f"output_dir={resumed}"], check=True)
     assert train_losses(resumed) == losses[4:]
+    if reference == "precomputed":  # computed once, read again by the resumed run
+        assert len(list((tmp_path / "cache").rglob("reference-logps-*.safetensors"))) == 1
     rewards = lambda d: [r["rewards/margin"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
     assert rewards(resumed) == rewards(ref)[4:]
     evals = [r for r in read_metrics(ref) if "eval_loss" in r]

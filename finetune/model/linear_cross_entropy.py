@@ -71,6 +71,60 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk)
 
 
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Per-target log-probabilities ``log_softmax(hidden @ weight.T)[i, targets[i]]`` in chunks.
+
+    Forward keeps, per chunk, only the gradient with respect to the hidden states of each target's
+    log-prob (``(onehot - softmax) @ weight``, one row per target); backward scales those rows by
+    the incoming per-target gradient. A head that trains (full fine-tuning, untied) recomputes its
+    chunks' softmax in backward: its gradient needs the per-target weights, known only then.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        unit_h = torch.empty_like(hidden) if need_h else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk]
+            logprobs = torch.log_softmax(F.linear(h, weight).to(acc), dim=-1)
+            out[start:start + chunk] = logprobs.gather(1, t[:, None])[:, 0]
+            if need_h:
+                grad = logprobs.exp_().neg_()  # d logp_t / d logits = onehot - softmax
+                grad[torch.arange(len(t), device=t.device), t] += 1.0
+                unit_h[start:start + chunk] = grad.to(weight.dtype) @ weight
+        ctx.save_for_backward(unit_h, hidden if need_w else None, weight if need_w else None, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        unit_h, hidden, weight, targets = ctx.saved_tensors
+        grad_h = None if unit_h is None else unit_h * grad_out[:, None].to(unit_h.dtype)
+        grad_w = None
+        if hidden is not None:
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                h, t = hidden[start:start + ctx.chunk].to(weight.dtype), targets[start:start + ctx.chunk]
+                grad = torch.softmax(F.linear(h, weight).to(acc), dim=-1).neg_()
+                grad[torch.arange(len(t), device=t.device), t] += 1.0
+                grad *= grad_out[start:start + ctx.chunk, None].to(acc)
+                grad_w += (grad.to(weight.dtype).t() @ h).to(acc)
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int | None = None) -> torch.Tensor:
+    """``log_softmax(F.linear(hidden, weight).float())`` at ``targets``, one value per row, in
+    chunks that keep no logits (float32; float64 stays float64). Every target a real class."""
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearTokenLogprobs.apply(hidden, weight, targets, chunk)
+
+
 def plain_lm_head(model) -> torch.nn.Linear | None:
     """The model's LM head where the chunked loss can stand in for it, else None.
 

@@ -9,10 +9,11 @@ gradient accumulation and DDP for free.
 
 Adding a task: a module with a ``Task`` subclass, an entry in :data:`TASKS` (or, without editing
 finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods are called in this
-order: ``check_config`` (with the whole config, before anything is built) -> ``encode`` /
-``target_count`` (data preparation, cached) -> ``auto_model_class`` / ``model_kwargs`` /
-``after_load`` (model) -> ``setup`` (the run's device is known) -> per step ``collator`` rows ->
-``loss_sum`` / ``count_targets`` -> per log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+order: ``check_config`` (with the whole config, before anything is built) -> ``setup`` (the run's
+device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> ``auto_model_class``
+/ ``model_kwargs`` / ``after_load`` / ``after_wrap`` (model) -> ``before_train`` (model prepared and
+resumed) -> per step ``collator`` rows -> ``loss_sum`` / ``count_targets`` -> per log step
+``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class Task:
 
     def setup(self, device_type: str) -> None:
         """Called once the run's device is known (e.g. to pick a loss implementation)."""
+
+    def before_train(self, trainer) -> None:
+        """Called once the model is prepared (wrapped, on its device, resumed), before the first
+        step, on every rank (e.g. to precompute reference log-probs)."""
 
     # ---------------------------------------------------------------- data
     def encode(self, tokenizer, items: list, stats, label_names: list[str] | None):

@@ -38,7 +38,9 @@ from finetune.data.chat_template import ChatSettings, encode_chats
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats
 from finetune.errors import DataError
+from finetune.model.linear_cross_entropy import head_passes_hidden_states, linear_token_logprobs, plain_lm_head
 from finetune.tasks import Task
+from finetune.tasks.reference_logps import load_or_compute, weights_key
 from finetune.tasks.causal_lm import shifted_targets
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
@@ -89,16 +91,24 @@ def preference_losses(loss: str, beta: float, policy_chosen, policy_rejected, re
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each sequence's completion tokens, their count), float32, per sequence."""
+def completion_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each sequence's completion tokens, their count), float32, per sequence.
+
+    Only completion positions reach the LM head (``logits_to_keep`` as a boolean mask); where the
+    head allows it (finetune/model/linear_cross_entropy.py) it runs in chunks that keep no logits."""
     targets = shifted_targets(batch["labels"])
     keep = targets != IGNORE
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                logits_to_keep=keep)
-    logits = out.logits.float()  # (kept positions, vocab): flattened by the boolean mask
-    if logits.dim() == 3:  # a model that ignores a mask-valued logits_to_keep
-        logits = logits[keep]
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    head = plain_lm_head(model) if chunked else None
+    if head is not None:
+        with head_passes_hidden_states(head):
+            hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        token_logps = linear_token_logprobs(hidden, head.weight, targets[keep])
+    else:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
+        if logits.dim() == 3:  # a model that ignores a mask-valued logits_to_keep
+            logits = logits[keep]
+        token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(keep.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), keep.sum(1).to(token_logps.dtype)
@@ -192,7 +202,14 @@ class DPOTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.ref_model = None  # full fine-tuning: the frozen copy (after_load)
+        self.ref_key: str | None = None  # pref.precompute_ref: the reference's weights key (after_load)
+        self.ref_table: dict | None = None  # pref.precompute_ref: {"train"|"eval": (rows, 2)} (before_train)
+        self.chunked = True  # the LM head in chunks (setup: trainer.chunked_loss)
         self._train_sums: dict = {}  # metric sums of the training batches since the last log
+
+    def setup(self, device_type: str) -> None:
+        # trainer.chunked_loss=auto: on for CPU, off on CUDA, as for SFT (finetune/config/schema.py).
+        self.chunked = {"on": True, "off": False}.get(self.cfg.trainer.chunked_loss, device_type != "cuda")
 
     def check_config(self, cfg) -> list[str]:
         problems = super().check_config(cfg)
@@ -205,6 +222,9 @@ class DPOTask(Task):
             problems.append(f"pref.label_smoothing={p.label_smoothing} must lie in [0, 0.5)")
         if cfg.data.streaming:
             problems.append("data.streaming=true is not available for model.task=dpo; set data.streaming=false")
+        if p.precompute_ref and not self.needs_reference:
+            problems.append(f"pref.precompute_ref=true has nothing to compute: model.task={cfg.model.task} "
+                            f"pref.loss={p.loss} uses no reference model; set pref.precompute_ref=false")
         return problems
 
     @property
@@ -222,8 +242,18 @@ class DPOTask(Task):
             model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
 
     def after_load(self, model, tokenizer) -> None:
+        if self.needs_reference and self.cfg.pref.precompute_ref:
+            first = next(model.parameters())
+            self.ref_key = weights_key(model, self.cfg.model.adapter_path, (
+                str(first.dtype), getattr(model.config, "_attn_implementation", None), self.chunked))
         if self.needs_reference and self.cfg.peft.method == "none":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def before_train(self, trainer) -> None:
+        if self.ref_key is None:
+            return
+        self.ref_table = load_or_compute(trainer, self.reference_logps, self.ref_key)
+        self.ref_model = None  # full fine-tuning: the frozen copy is not needed any more
 
     # ---------------------------------------------------------------- data
     def encode(self, tokenizer, items: list, stats: Stats, label_names=None):
@@ -266,13 +296,16 @@ class DPOTask(Task):
         return PairCollator(tokenizer.pad_token_id, pad_to)
 
     # ---------------------------------------------------------------- loss
-    def pair_outputs(self, model, batch: dict):
+    def pair_outputs(self, model, batch: dict, split: str = "train"):
         """(per-pair losses, chosen rewards, rejected rewards, policy log-probs) of a batch."""
         p = self.cfg.pref
-        logps, lengths = completion_logps(model, batch)
+        logps, lengths = completion_logps(model, batch, self.chunked)
         n = batch["input_ids"].shape[0] // 2
         ref = (None, None)
-        if self.needs_reference:
+        if self.ref_table is not None:  # precomputed: rows of the cache, by the batch's row ids
+            values = self.ref_table[split][batch["row_ids"]].to(logps.device)
+            ref = (values[:, 0], values[:, 1])
+        elif self.needs_reference:
             with torch.no_grad():
                 ref_logps = self.reference_logps(model, batch)
             ref = (ref_logps[:n], ref_logps[n:])
@@ -286,9 +319,9 @@ class DPOTask(Task):
             device = batch["input_ids"].device
             if next(self.ref_model.parameters()).device != device:
                 self.ref_model.to(device)
-            return completion_logps(self.ref_model, batch)[0]
+            return completion_logps(self.ref_model, batch, self.chunked)[0]
         with reference_of(model) as reference:
-            return completion_logps(reference, batch)[0]
+            return completion_logps(reference, batch, self.chunked)[0]
 
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
         losses, rc, rr, logps = self.pair_outputs(model, batch)
@@ -319,7 +352,7 @@ class DPOTask(Task):
 
     # ---------------------------------------------------------------- eval
     def eval_sums(self, model, batch: dict):
-        losses, rc, rr, logps = self.pair_outputs(model, batch)
+        losses, rc, rr, logps = self.pair_outputs(model, batch, "eval")
         sums = self._pair_sums(rc, rr, logps)
         del sums["pairs"]  # the eval's count is count_targets
         return losses.sum(), {k: float(v) for k, v in sums.items()}
@@ -354,7 +387,7 @@ class RewardTask(DPOTask):
         if model.config.pad_token_id is None:  # right-padded pairs: the score is read at the last real token
             model.config.pad_token_id = tokenizer.pad_token_id
 
-    def pair_outputs(self, model, batch: dict):
+    def pair_outputs(self, model, batch: dict, split: str = "train"):
         p = self.cfg.pref
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
         n = scores.shape[0] // 2

@@ -97,6 +97,7 @@ class Trainer:
             lambda o: build_scheduler(o, cfg.optim, self.total_steps))
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
+        self.task.before_train(self)
 
     def _setup_data(self) -> None:
         cfg, acc, t = self.cfg, self.acc, self.cfg.trainer
@@ -263,6 +264,7 @@ class Trainer:
         for k, rows in enumerate(chunks):
             keep = float(k < real)
             batch = self.to_device(self.collate([self.data.eval[i] for i in rows]))
+            batch["row_ids"] = rows  # as in training batches (tasks with per-row tables)
             with acc.autocast():
                 loss, metrics = self.task.eval_sums(model, batch)
                 loss_sum += keep * float(loss)
