@@ -293,7 +293,7 @@ def test_per_step_loss_kl_and_rewards_match_trl(tmp_path, kto_file):
     assert {r["label"] for r in rows} == {True, False}
     path = tmp_path / "eight.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps = 3
+    steps = 4  # step 4 has a positive KL estimate (steps 1-3: clamped to 0 by both)
     ours = build_trainer(["recipe=kto-llm", "peft=none", f"data.path={path}", "data.eval_split=null",
                           "data.eval_size=0", "trainer.sample_prompts=0", "trainer.micro_batch_size=8",
                           f"trainer.max_steps={steps}", "trainer.log_steps=1", "trainer.eval_steps=0",
@@ -332,11 +332,12 @@ def test_per_step_loss_kl_and_rewards_match_trl(tmp_path, kto_file):
         AcceleratorState._reset_state(reset_partial_state=True)
     assert len(seen) == steps == len(mine)
     for a, b in zip(mine, seen):  # shown with pytest -s
-        print(f"step {a['step']}: loss {a['loss']:.7f} vs TRL {b['loss']:.7f}; kl {a['kl']:.7f} vs {b['kl']:.7f}")
+        print(f"step {a['step']}: loss {a['loss']:.7f} vs TRL {b['loss']:.7f}; kl {a['kl']:.7f} vs {b['kl']:.7f}; "
+              f"rewards/chosen {a['rewards/chosen']:.7f} vs {b['rewards/chosen']:.7f}")
     for a, b in zip(mine, seen):
         for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(b[key])), (key, mine, seen)
-    assert mine[-1]["kl"] > 0 and abs(mine[-1]["loss"] - mine[0]["loss"]) > 1e-3  # it trained
+    assert mine[-1]["kl"] > 0.1 and abs(mine[-1]["loss"] - mine[0]["loss"]) > 1e-2  # it trained; z mattered
 
 
 # ----------------------------------------------------------------------------- whole runs
