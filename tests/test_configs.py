@@ -16,7 +16,7 @@ def group_options():
 
 
 def test_recipes_are_shipped():
-    assert {"lora-llm", "full-llm", "qlora-llm", "lora-classifier", "dpo-llm", "reward-llm"} <= set(RECIPES)
+    assert {"lora-llm", "full-llm", "qlora-llm", "lora-classifier", "dpo-llm", "reward-llm", "kto-llm"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -36,6 +36,8 @@ def test_group_option_composes(group, option):
         recipe = "lora-classifier"
     if group == "data" and option == "sample-preference":
         recipe = "dpo-llm"
+    if group == "data" and option == "sample-kto":
+        recipe = "kto-llm"
     if group == "data" and option == "chat":
         extra = ["data.path=/tmp/chat.jsonl"]  # the chat entry needs a file from the user
     cfg = compose([f"recipe={recipe}", f"{group}={option}", *extra])

@@ -40,7 +40,7 @@ class ModelConfig:
     chat_template: Optional[str] = None
     # A LoRA adapter directory (e.g. an SFT run's final/) to continue training instead of a new
     # adapter (its own r / alpha / targets apply); the base must be the one it was trained on (for
-    # built-in models: the same model.name_or_path and seed). model.task=dpo: the reference is it.
+    # built-in models: the same model.name_or_path and seed). model.task=dpo | kto: the reference is it.
     adapter_path: Optional[str] = None
 
 
@@ -54,7 +54,7 @@ class DataColumns:
     prompt: str = "prompt"
     completion: str = "completion"
     text: str = "text"
-    label: str = "label"
+    label: str = "label"  # classification; data.format=kto: the boolean desirability
     system: str = "system"
     chosen: str = "chosen"  # data.format=preference
     rejected: str = "rejected"
@@ -76,7 +76,7 @@ class DataSource:
 class DataConfig:
     # builtin:sample | builtin:sample-classification | a Hub dataset id | a local file, dir or glob
     path: str = MISSING
-    # alpaca | messages | sharegpt | prompt_completion | text | classification | preference
+    # alpaca | messages | sharegpt | prompt_completion | text | classification | preference | kto
     format: str = "alpaca"
     name: Optional[str] = None  # Hub dataset config name
     split: str = "train"
@@ -232,9 +232,10 @@ class ExportConfig:
 
 @dataclass
 class PrefConfig:
-    """Preference tuning (model.task=dpo | reward; finetune/tasks/preference.py has the formulas)."""
+    """Preference tuning (model.task=dpo | reward | kto; finetune/tasks/preference.py and kto.py have
+    the formulas)."""
 
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo (TRL's names)
+    loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust | simpo | orpo; kto: kto | apo_zero_unpaired (TRL's names)
     beta: float = 0.1  # DPO's beta (IPO's tau; SimPO's beta; ORPO: the rewards' scale only)
     label_smoothing: float = 0.0  # sigmoid / robust / simpo: assumed share of flipped labels, [0, 0.5)
     gamma: float = 0.5  # SimPO's target margin (reward units; TRL's simpo_gamma = gamma / beta)
@@ -244,6 +245,8 @@ class PrefConfig:
     precompute_ref: bool = False
     margin: float = 0.0  # model.task=reward: the score margin chosen must beat rejected by
     center_coef: float = 0.0  # model.task=reward: weight of (r_chosen + r_rejected)^2 (TRL's center_rewards_coefficient)
+    desirable_weight: float = 1.0  # model.task=kto: weight of the desirable (label true) examples' losses
+    undesirable_weight: float = 1.0  # model.task=kto: weight of the undesirable (label false) examples' losses
 
 
 @dataclass

@@ -9,7 +9,11 @@
 - preference -> a :class:`PreferencePair` of two chats sharing one prompt: ``prompt`` (a string or
   messages) + ``chosen`` / ``rejected`` (strings, an assistant message or messages), or
   LLaMA-Factory's sharegpt ranking layout (``conversations`` + ``chosen`` / ``rejected`` objects
-  with ``from`` / ``value``), detected per row.
+  with ``from`` / ``value``), detected per row;
+- kto -> a :class:`KTOExample` (chat, desirable): one unpaired completion with a boolean ``label``,
+  either KTO's layout (``messages`` ending with the assistant completion + ``label``) or
+  ``prompt`` (a string or messages) + ``completion`` (a string, an assistant message or messages)
+  + ``label``, detected per row.
 
 A bad record raises :class:`BadExample` naming the field; the caller adds file:line and decides
 (``data.on_bad_example``) whether that ends the run or the row is skipped and counted.
@@ -195,6 +199,18 @@ def _completion(value, column: str) -> list[dict]:
 
 def to_preference(row: dict, data: FormatSpec) -> PreferencePair:
     cols = data.columns
+    prompt = _prompt_messages(row, data)
+    chosen, rejected = _completion(row.get(cols.chosen), cols.chosen), _completion(row.get(cols.rejected),
+                                                                                  cols.rejected)
+    if chosen == rejected:
+        raise BadExample(f"fields {cols.chosen!r} and {cols.rejected!r} are identical")
+    return PreferencePair((prompt + chosen, prompt + rejected))
+
+
+def _prompt_messages(row: dict, data: FormatSpec) -> list[dict]:
+    """The prompt of a preference / KTO row as messages: ``prompt`` (a string or messages), or a
+    sharegpt ``conversations`` list (preference's ranking layout)."""
+    cols = data.columns
     if cols.conversations in row and cols.prompt not in row:  # sharegpt ranking layout
         if not isinstance(row[cols.conversations], list):
             raise BadExample(f"field {cols.conversations!r} must be a list of messages")
@@ -215,14 +231,41 @@ def to_preference(row: dict, data: FormatSpec) -> PreferencePair:
             raise BadExample(f"field {cols.prompt!r} must be a string or a list of messages, "
                              f"got {type(value).__name__}")
         prompt = _with_system(prompt, data.system_prompt)
-    chosen, rejected = _completion(row.get(cols.chosen), cols.chosen), _completion(row.get(cols.rejected),
-                                                                                  cols.rejected)
-    if chosen == rejected:
-        raise BadExample(f"fields {cols.chosen!r} and {cols.rejected!r} are identical")
-    return PreferencePair((prompt + chosen, prompt + rejected))
+    return prompt
+
+
+class KTOExample(tuple):
+    """(chat ending with the completion, desirable): one unpaired KTO example."""
+
+    @property
+    def chat(self) -> list[dict]:
+        return self[0]
+
+    @property
+    def desirable(self) -> bool:
+        return self[1]
+
+
+def to_kto(row: dict, data: FormatSpec) -> KTOExample:
+    cols = data.columns
+    if cols.label not in row or row[cols.label] is None:
+        raise BadExample(f"missing field {cols.label!r} (data.columns.label={cols.label}): "
+                         "true (desirable) or false (undesirable)")
+    label = row[cols.label]
+    if not isinstance(label, bool):
+        raise BadExample(f"field {cols.label!r} must be a boolean (true = desirable, false = undesirable), "
+                         f"got {type(label).__name__} {label!r}")
+    if cols.messages in row and cols.prompt not in row:  # KTO's layout: the last assistant turn is the completion
+        chat = to_chat(row, FormatSpec("messages", cols, data.system_prompt))
+        if not chat[-1]["content"].strip():
+            raise BadExample(f"field {cols.messages!r}: the last assistant message (the completion) is empty")
+    else:
+        chat = _prompt_messages(row, data) + _completion(row.get(cols.completion), cols.completion)
+    return KTOExample((chat, label))
 
 
 # data.format -> the function that formats one row (the valid choices of data.format).
 FORMATS = {"alpaca": to_chat, "messages": to_chat, "sharegpt": to_chat,
-           "prompt_completion": to_completion, "text": to_text, "classification": to_labelled, "preference": to_preference}
+           "prompt_completion": to_completion, "text": to_text, "classification": to_labelled, "preference": to_preference,
+           "kto": to_kto}
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt")  # formats that can be mixed in data.sources

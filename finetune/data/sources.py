@@ -32,6 +32,7 @@ BUILTIN = {
     "builtin:sample": ("instructions-train.jsonl", "instructions-eval.jsonl"),
     "builtin:sample-classification": ("reviews-train.jsonl", "reviews-eval.jsonl"),
     "builtin:sample-preference": ("preference-train.jsonl", "preference-eval.jsonl"),
+    "builtin:sample-kto": ("kto-train.jsonl", "kto-eval.jsonl"),
 }
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".txt"}
 LOCAL_SUFFIXES = TEXT_SUFFIXES | {".parquet", ".arrow"}

@@ -12,8 +12,8 @@ finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods a
 order: ``check_config`` (with the whole config, before anything is built) -> ``setup`` (the run's
 device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> ``auto_model_class``
 / ``model_kwargs`` / ``after_load`` / ``after_wrap`` (model) -> ``before_train`` (model prepared and
-resumed) -> per step ``collator`` rows -> ``loss_sum`` / ``count_targets`` -> per log step
-``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+resumed) -> per step ``collator`` rows -> ``before_step`` -> ``loss_sum`` / ``count_targets`` -> per
+log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ TASKS = Registry("model.task", {
     "sequence-classification": "finetune.tasks.classification:SequenceClassificationTask",
     "dpo": "finetune.tasks.preference:DPOTask",
     "reward": "finetune.tasks.preference:RewardTask",
+    "kto": "finetune.tasks.kto:KTOTask",
 })
 
 
@@ -92,6 +93,10 @@ class Task:
         return Collator(tokenizer.pad_token_id, bool(self.cfg.data.packing), pad_to)
 
     # ---------------------------------------------------------------- loss
+    def before_step(self, trainer, micro: list[dict]) -> None:
+        """Each optimizer step, before its backward passes, with all its micro-batches (host-side;
+        every rank calls): a statistic of the whole step (KTO: the KL estimate). Default: nothing."""
+
     def loss_sum(self, model, batch: dict):
         """The batch's loss summed over its targets (never a mean: the loop normalises)."""
         raise NotImplementedError

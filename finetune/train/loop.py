@@ -198,6 +198,7 @@ class Trainer:
         scale = acc.num_processes / max(step_targets, 1.0)
         local_loss = torch.zeros((), device=acc.device)
         self.micro_losses = []  # per micro-batch, on the device: read only if the step is not finite
+        self.task.before_step(self, micro)  # a statistic of the whole step (KTO's KL estimate)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             with (nullcontext() if last else acc.no_sync(model)), acc.autocast():

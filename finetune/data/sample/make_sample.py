@@ -4,6 +4,8 @@
   the input by a fixed rule, so a tiny character-level model visibly learns them in minutes.
 - ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): the instruction rows as pairs,
   chosen = the right answer, rejected = a plausible wrong one (:func:`wrong_answer`), for DPO.
+- ``kto-{train,eval}.jsonl`` (prompt / completion / boolean label): the instruction rows unpaired for
+  KTO, each with either its right answer (label true) or a plausible wrong one (label false).
 - ``reviews-{train,eval}.jsonl`` (text + label): short product reviews labelled
   positive / negative / neutral by the words they contain.
 Written by this project; no third-party data.
@@ -83,6 +85,15 @@ def preference_rows(rows: list[dict], rng: random.Random) -> list[dict]:
              "rejected": wrong_answer(r, rng)} for r in rows]
 
 
+def kto_rows(rows: list[dict], rng: random.Random) -> list[dict]:
+    out = []
+    for r in rows:
+        desirable = rng.random() < 0.5
+        out.append({"prompt": f"{r['instruction']}\n\n{r['input']}",
+                    "completion": r["output"] if desirable else wrong_answer(r, rng), "label": desirable})
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -98,6 +109,9 @@ def main() -> None:
     pref_rng = random.Random(5678)  # its own stream: the files above stay as they were
     write_jsonl(here / "preference-train.jsonl", preference_rows(train[:1000], pref_rng))
     write_jsonl(here / "preference-eval.jsonl", preference_rows(held_out, pref_rng))
+    kto_rng = random.Random(9012)  # its own stream too
+    write_jsonl(here / "kto-train.jsonl", kto_rows(train[:1000], kto_rng))
+    write_jsonl(here / "kto-eval.jsonl", kto_rows(held_out, kto_rng))
 
 
 if __name__ == "__main__":
