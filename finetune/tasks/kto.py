@@ -126,6 +126,9 @@ class KTOTask(DPOTask):
                 problems.append(f"pref.{key}={p[key]} must be > 0")
         if cfg.data.streaming:
             problems.append("data.streaming=true is not available for model.task=kto; set data.streaming=false")
+        if p.precompute_ref:
+            problems.append("pref.precompute_ref=true is not available for model.task=kto yet (its KL "
+                            "sequences need the reference too); set pref.precompute_ref=false")
         return problems
 
     @property
