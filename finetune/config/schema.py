@@ -162,6 +162,10 @@ class TrainerConfig:
     # Rows of this many steps are sorted by length together. Larger pads less but makes a step's
     # rows more alike: 50 cost ~10 points of accuracy at lr 2e-3 on MiniLM/emotion (bench/RESULTS.md).
     length_group_steps: int = 8
+    # Each micro-batch's rows (a random draw, whatever group_by_length says) sorted by length and
+    # run as this many forward/backward parts, each padded to its own longest row: the same rows,
+    # loss and gradient as one part (token-normalised over the step), less padding.
+    length_split: int = 1
     num_workers: int = 0
     sample_prompts: int = 3  # LLM recipes: greedy samples written at each eval
     sample_max_new_tokens: int = 48

@@ -33,7 +33,7 @@ CHOICES = {
     "export.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum", "trainer.log_steps",
-            "trainer.length_group_steps", "data.max_seq_len", "launcher.nproc_per_node", "launcher.nnodes")
+            "trainer.length_group_steps", "trainer.length_split", "data.max_seq_len", "launcher.nproc_per_node", "launcher.nnodes")
 NON_NEGATIVE = ("trainer.eval_steps", "trainer.save_steps", "trainer.save_minutes", "trainer.keep_last",
                 "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm",
                 "trainer.eval_max_batches", "data.eval_size")
@@ -83,6 +83,12 @@ def problems(cfg: DictConfig) -> list[str]:
     if cfg.data.streaming and t.max_steps <= 0:
         found.append("data.streaming=true needs trainer.max_steps > 0 (a stream has no known length "
                      "to count epochs in)")
+    if t.length_split > 1 and (cfg.data.packing or cfg.data.streaming):
+        found.append(f"trainer.length_split={t.length_split} splits unpacked map-style micro-batches by length; "
+                     "set data.packing=false and data.streaming=false, or trainer.length_split=1")
+    if t.length_split > t.micro_batch_size:
+        found.append(f"trainer.length_split={t.length_split} must be <= trainer.micro_batch_size="
+                     f"{t.micro_batch_size} (each part holds at least one row)")
     if p.method == "lora" and (p.r < 1 or p.alpha <= 0):
         found.append(f"peft.r={p.r} must be >= 1 and peft.alpha > 0 for LoRA")
     if not 0 <= p.dropout < 1:

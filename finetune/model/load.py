@@ -6,8 +6,11 @@ classification models need the label count from the data.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -197,21 +200,84 @@ def parameter_counts(model) -> tuple[int, int]:
     return total, trainable
 
 
-def save_base_for_reload(model, tokenizer, cfg: DictConfig, run_dir: Path) -> str:
+def save_base_for_reload(model, tokenizer, cfg: DictConfig, run_dir: Path, relabelled: bool = False) -> str:
     """Where ``final/``'s adapter finds its base model when reloaded offline.
 
     Hub / local models are referenced by name. Built-in tiny models exist only in code, so their
-    seeded base weights are written once to ``<run_dir>/base_model`` and referenced by path.
+    seeded base weights are written once to ``<run_dir>/base_model`` and referenced by path. So is
+    a LoRA base whose config the task changed (``relabelled``: a classifier's num_labels / id2label,
+    a reward model's single output): loaded from its source config, the head would not match the
+    adapter's, and the label names would be lost. That base_model/ holds the run's config, the
+    tokenizer and the source weight files (hard links where the filesystem allows).
     """
     name = builtin.builtin_name(cfg.model.name_or_path)
-    if name == "all-minilm-l6-v2":
-        return str(builtin.minilm_path())
-    if name is None:
-        return cfg.model.name_or_path
+    source = str(builtin.minilm_path()) if name == "all-minilm-l6-v2" else cfg.model.name_or_path
+    if name not in builtin.BUILT_IN_MODELS and not (relabelled and cfg.peft.method == "lora"):
+        return source
     target = run_dir / "base_model"
     if not (target / "config.json").exists():
         tmp = run_dir / f".base_model.tmp-{os.getpid()}"
-        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = None if name in builtin.BUILT_IN_MODELS else _complete_weight_files(model, source, cfg.model.revision)
+        if files is None:  # made in code, or the source lacks tensors the base holds: save them all
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            tmp.mkdir(parents=True)
+            config = copy.deepcopy(model.config)
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(tmp)
+            for path in files:
+                _link_or_copy(path, tmp / path.name)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     return str(target.resolve())
+
+
+def _source_dir(source: str, revision: str | None) -> Path | None:
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:  # already downloaded by from_pretrained: no network
+        return Path(snapshot_download(source, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    except Exception:  # noqa: BLE001 - not in the cache in this layout: save the weights instead
+        return None
+
+
+def _complete_weight_files(model, source: str, revision: str | None) -> list[Path] | None:
+    """The source's safetensors files when they hold every base tensor other than the task head
+    (which the adapter carries), else None (e.g. a head or pooler initialised at load time)."""
+    from safetensors import safe_open
+
+    folder = _source_dir(source, revision)
+    if folder is None:
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names] + [index]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        return None
+    stored: set[str] = set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                stored.update(f.keys())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    heads = ("classifier.", "score.")  # peft's modules_to_save for SEQ_CLS
+    for key in model.state_dict():
+        if key.startswith(heads):
+            continue
+        if key not in stored and key.removeprefix(prefix) not in stored and prefix + key not in stored:
+            return None
+    return files
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)

@@ -43,6 +43,15 @@ def write_final(trainer) -> Path:
     return final
 
 
+def write_final_card(run_dir: Path) -> Path:
+    """final/README.md: the project's model card (peft's save_pretrained leaves a placeholder)."""
+    from finetune.outputs.model_card import build_model_card
+
+    path = run_dir / "final" / "README.md"
+    build_model_card(run_dir).save(path)
+    return path
+
+
 def write_summary(trainer, final_dir: Path) -> dict:
     state = trainer.state
     losses = [h for h in state.history if "loss" in h]

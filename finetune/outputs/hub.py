@@ -18,6 +18,7 @@ The Hub endpoint is ``HF_ENDPOINT`` (read by huggingface_hub at import) unless `
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -156,7 +157,9 @@ def run_files(run_dir: Path) -> dict[str, Path | bytes]:
     files: dict[str, Path | bytes] = {}
     for path in sorted(p for p in final_dir.rglob("*") if p.is_file()):
         files[path.relative_to(final_dir).as_posix()] = path
-    files.pop("README.md", None)  # peft's stub card; ours replaces it
+    files.pop("README.md", None)  # the local card; push_run writes the repo's (its own repo id)
+    if "adapter_config.json" in files:
+        files["adapter_config.json"] = portable_adapter_config(run_dir, files["adapter_config.json"])
     if (run_dir / "merged").is_dir():
         for path in sorted(p for p in (run_dir / "merged").rglob("*") if p.is_file()):
             files[f"merged/{path.relative_to(run_dir / 'merged').as_posix()}"] = path
@@ -165,6 +168,19 @@ def run_files(run_dir: Path) -> dict[str, Path | bytes]:
     if (run_dir / "summary.json").exists():
         files["summary.json"] = run_dir / "summary.json"
     return files
+
+
+def portable_adapter_config(run_dir: Path, path: Path) -> Path | bytes:
+    """adapter_config.json naming the base by its Hub id where there is one (final/ names a local
+    path, e.g. a package's files or the run's base_model/, which means nothing on another machine)."""
+    from finetune.model.builtin import hub_id
+    from finetune.outputs.model_card import pick, read_run
+
+    hub = hub_id(pick(read_run(run_dir)[0], "model.name_or_path"))
+    config = json.loads(path.read_text())
+    if not hub or config.get("base_model_name_or_path") == hub:
+        return path
+    return (json.dumps({**config, "base_model_name_or_path": hub}, indent=2, sort_keys=True) + "\n").encode()
 
 
 def check_token_absent(files: dict[str, Path | bytes], token: str) -> None:

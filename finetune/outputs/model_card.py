@@ -70,6 +70,12 @@ def run_task(run_dir: Path, config: dict) -> str:
 
 
 def base_model_name(run_dir: Path, config: dict) -> str | None:
+    """The base's Hub id where there is one (a built-in copy of a Hub model included), else the
+    path final/ loads it from."""
+    from finetune.model.builtin import hub_id
+
+    if hub := hub_id(pick(config, "model.name_or_path")):
+        return hub
     adapter_config = run_dir / "final" / "adapter_config.json"
     if adapter_config.exists():
         return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or pick(config, "model.name_or_path")
@@ -183,7 +189,18 @@ def framework_rows() -> list[tuple[str, Any]]:
     return rows
 
 
-def usage_snippet(repo_id: str, is_lora: bool, classifier: bool, has_merged: bool) -> str:
+def run_labels(run_dir: Path) -> dict | None:
+    """id2label of a classifier run: from the config of the base final/'s adapter loads."""
+    adapter_config = run_dir / "final" / "adapter_config.json"
+    if not adapter_config.exists():
+        return None
+    base = Path(json.loads(adapter_config.read_text()).get("base_model_name_or_path") or "")
+    config = base / "config.json"
+    return json.loads(config.read_text()).get("id2label") if config.is_file() else None
+
+
+def usage_snippet(repo_id: str, is_lora: bool, classifier: bool, has_merged: bool,
+                  labels: dict | None = None) -> str:
     pipeline_task = "text-classification" if classifier else "text-generation"
     prompt = "I loved it." if classifier else "Tell me about the moon."
     auto_peft = "AutoPeftModelForSequenceClassification" if classifier else "AutoPeftModelForCausalLM"
@@ -192,10 +209,13 @@ def usage_snippet(repo_id: str, is_lora: bool, classifier: bool, has_merged: boo
                 f"print(pipe(\"{prompt}\"))")
     else:
         code = (f"from peft import {auto_peft}\nfrom transformers import AutoTokenizer, pipeline\n\n"
-                f"model = {auto_peft}.from_pretrained(\"{repo_id}\")\n"
+                f"model = {auto_peft}.from_pretrained(\"{repo_id}\"{label_kwargs(labels)})\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")\n"
                 f"pipe = pipeline(\"{pipeline_task}\", model=model, tokenizer=tokenizer)\nprint(pipe(\"{prompt}\"))")
     text = f"```python\n{code}\n```"
+    if labels:
+        text += ("\n\nThe base model's own config has no such labels: the arguments above give its head "
+                 "the run's labels (the run dir's `base_model/` holds that config locally).")
     if has_merged:
         auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
         text += ("\n\nThe adapter merged into the base model is in `merged/` and needs no PEFT:\n\n"
@@ -204,6 +224,14 @@ def usage_snippet(repo_id: str, is_lora: bool, classifier: bool, has_merged: boo
                  f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\", subfolder=\"merged\")\n"
                  f"pipe = pipeline(\"{pipeline_task}\", model=model, tokenizer=tokenizer)\n```")
     return text
+
+
+def label_kwargs(labels: dict | None) -> str:
+    if not labels:
+        return ""
+    id2label = {int(k): v for k, v in labels.items()}
+    label2id = {v: k for k, v in id2label.items()}
+    return f", num_labels={len(id2label)}, id2label={id2label!r}, label2id={label2id!r}"
 
 
 def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
@@ -220,7 +248,9 @@ def build_model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
         f"[finetune](https://pypi.org/project/finetune/), recipe `{pick(config, 'recipe', 'unknown')}`, "
         f"from base model `{base or 'unknown'}`"
         + (f" on {', '.join(f'`{p}`' for p in [pick(config, 'data.path')] if p)}." if pick(config, "data.path") else "."),
-        "## Usage", usage_snippet(repo_id, is_lora, classifier, (run_dir / "merged").is_dir()),
+        "## Usage", usage_snippet(repo_id, is_lora, classifier, (run_dir / "merged").is_dir(),
+                                  labels=run_labels(run_dir) if is_lora and classifier and looks_like_hub_id(repo_id)
+                                  and looks_like_hub_id(base) else None),
         "## Training hyperparameters", table(hyperparameter_rows(config), ("hyperparameter", "value")),
         "## Results", table(metric_rows(summary), ("metric", "value")),
         "## Hardware", hardware_line(summary),

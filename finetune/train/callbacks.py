@@ -190,12 +190,13 @@ class DataStats(Callback):
 
 class Final(Callback):
     def on_train_end(self, trainer) -> None:
-        from finetune.outputs.final import write_final, write_summary
+        from finetune.outputs.final import write_final, write_final_card, write_summary
 
         trainer.acc.wait_for_everyone()
         final_dir = write_final(trainer)  # every rank: sharded weights are gathered collectively
         if trainer.is_main:
             trainer.summary = write_summary(trainer, final_dir)
+            write_final_card(trainer.run_dir)
         trainer.acc.wait_for_everyone()
 
 

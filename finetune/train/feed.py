@@ -10,7 +10,8 @@ than iterated (:class:`BatchPlan`).
 
 The unit is the optimizer step: ``S = world_size * micro_batch_size * grad_accum`` rows. An
 epoch's order is a seeded permutation (optionally length-grouped: sorted by length within chunks of
-``group_steps`` steps, the chunks' steps shuffled) cut into steps of S rows; rows ``n % S`` left at the end of an epoch
+``group_steps`` steps, the chunks' steps shuffled) cut into steps of S rows (``length_split``: each
+micro-batch then runs as that many length-sorted parts); rows ``n % S`` left at the end of an epoch
 are reported and reshuffled into the next epoch. Because a step's rows depend only on
 (seed, epoch, step), resuming at step 10,000 costs the same as at step 10, and a step trains the
 same rows for any split of S into ranks x micro-batches x accumulation.
@@ -40,6 +41,8 @@ class BatchPlan:
     seed: int
     row_lengths: np.ndarray | None = None  # set to group rows of similar length
     group_steps: int = 8  # steps' worth of rows sorted together when grouping by length
+    length_split: int = 1  # parts per micro-batch, by length (needs split_lengths)
+    split_lengths: np.ndarray | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -72,9 +75,22 @@ class BatchPlan:
         """This rank's micro-batches from ``start_step`` to the end of ``epoch``, in order."""
         out = []
         for step_rows in self.epoch_order(epoch)[start_step:]:
-            out += [rows.tolist() for rows in split_step(step_rows, rank, self.world_size,
-                                                         self.micro_batch_size, self.grad_accum)]
+            for rows in split_step(step_rows, rank, self.world_size, self.micro_batch_size, self.grad_accum):
+                out += self.length_parts(rows)
         return out
+
+    @property
+    def batches_per_step(self) -> int:
+        """Collated batches per optimizer step on a rank: grad_accum x length_split."""
+        return self.grad_accum * self.length_split
+
+    def length_parts(self, rows: np.ndarray) -> list[list[int]]:
+        """One micro-batch's rows, longest first, cut into ``length_split`` parts of near-equal row
+        counts (one part, in draw order, without splitting)."""
+        if self.length_split == 1:
+            return [rows.tolist()]
+        ranked = rows[np.argsort(-self.split_lengths[rows], kind="stable")]
+        return [part.tolist() for part in np.array_split(ranked, self.length_split)]
 
 
 class Feed:
@@ -114,7 +130,7 @@ class MapFeed(Feed):
 
     def steps(self, start_step: int) -> Iterator[list[dict]]:
         epoch, in_epoch = divmod(start_step, self.steps_per_epoch)
-        ga = self.plan.grad_accum
+        ga = self.plan.batches_per_step
         while True:
             batches = self.plan.micro_batches(epoch, in_epoch, self.rank)
             # A private generator: creating a DataLoader iterator otherwise draws from the global

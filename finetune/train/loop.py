@@ -108,9 +108,11 @@ class Trainer:
             self.feed: Feed = StreamFeed(self.data.train, self.collate, t.max_steps, acc.num_processes,
                                          acc.process_index, t.micro_batch_size, t.grad_accum)
         else:
-            lengths = self.data.train.row_lengths() if t.group_by_length and not cfg.data.packing else None
+            unpacked = not cfg.data.packing
+            lengths = self.data.train.row_lengths() if unpacked and (t.group_by_length or t.length_split > 1) else None
             plan = BatchPlan(len(self.data.train), t.micro_batch_size, t.grad_accum, acc.num_processes,
-                             cfg.seed, lengths, t.length_group_steps)
+                             cfg.seed, lengths if t.group_by_length else None, t.length_group_steps,
+                             t.length_split, lengths)
             if plan.steps_per_epoch == 0:
                 raise ConfigError(f"{len(self.data.train)} training rows do not fill one optimizer step of "
                                   f"{plan.rows_per_step} rows (world_size x trainer.micro_batch_size x "
@@ -126,7 +128,8 @@ class Trainer:
         dtype = resolve_dtype(cfg, self.acc.device.type)
         base = build_base_model(cfg, self.tokenizer, self.task, label_names=self.data.label_names, dtype=dtype)
         if self.is_main:
-            self.base_ref = save_base_for_reload(base, self.tokenizer, cfg, self.run_dir)
+            relabelled = bool(self.task.model_kwargs(cfg, self.data.label_names))  # num_labels, id2label
+            self.base_ref = save_base_for_reload(base, self.tokenizer, cfg, self.run_dir, relabelled)
         if cfg.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.peft.method == "lora":
