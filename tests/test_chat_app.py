@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fakehub.server import serve
 from fakehub.tiny_models import build_run_dir
-from run_helpers import REPO, compose
+from run_helpers import REPO, compose, run_cli
 
 from finetune.chat.app import BASE, FINETUNED, ChatGenerator, Sampling, load_generator
-from finetune.chat.serve import chat_model_dir, load_chat_generator, run_base_model
-from finetune.chat.space import TESTED_GRADIO, package_version, push_space
+from finetune.chat.serve import base_for, chat_model_dir, load_chat_generator, run_base_model
+from finetune.chat.space import TESTED_GRADIO, package_version, push_space, run_space
 from finetune.config.schema import HubConfig
 from finetune.errors import ConfigError, ConfigErrors
 from finetune.outputs.export import merge_and_export
@@ -150,6 +150,15 @@ def test_chat_model_dir_errors_name_the_key(tmp_path, run_dir):
         chat_model_dir(cfg)
     cfg = OmegaConf.create({"chat": {"model_dir": None}, "output_dir": str(run_dir)})
     assert chat_model_dir(cfg) == run_dir / "final"
+
+
+def test_which_base_a_chat_compares_with(run_dir):
+    def cfg(base=None):
+        return OmegaConf.create({"chat": {"base_model": base}})
+
+    assert base_for(cfg(), run_dir / "final") is None  # an adapter brings its own base
+    assert base_for(cfg(), run_dir / "merged") == base_path(run_dir)  # the run's
+    assert base_for(cfg("other/base"), run_dir / "merged") == "other/base"  # chat.base_model wins
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -277,6 +286,23 @@ def test_no_space_when_the_model_push_failed(fake_hub, run_dir):
     assert not model.ok and not space.ok
     assert space.error == f"Space not pushed: the push of the model {MODEL_REPO} before it failed"
     assert f"spaces/{MODEL_REPO}" not in fake_hub.repos
+
+
+def test_stage_space_pushes_the_space_of_a_pushed_run(fake_hub, run_dir):
+    env = {"HF_ENDPOINT": fake_hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    proc = run_cli(["stage=space", f"output_dir={run_dir}", f"hub.repo_id={MODEL_REPO}",
+                    "hub.space_repo_id=tester/tiny-chat-demo"], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(fake_hub.files("spaces/tester/tiny-chat-demo")) == {"README.md", "app.py", "requirements.txt"}
+    assert f"os.environ.get(\"MODEL_ID\", {MODEL_REPO!r})".encode() in fake_hub.files("spaces/tester/tiny-chat-demo")["app.py"]
+    assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_stage_space_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="stage=space needs hub.repo_id="):
+        run_space(OmegaConf.create({"hub": {"repo_id": None}, "output_dir": None}))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_space(OmegaConf.create({"hub": {"repo_id": "a/b"}, "output_dir": str(tmp_path / "nope")}))
 
 
 def test_fake_hub_checks_a_space_like_the_hub(fake_hub, tmp_path):
