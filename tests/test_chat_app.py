@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -232,6 +233,7 @@ def app_env(port: int, **extra) -> dict:
             "HF_HUB_OFFLINE": "1", **extra}
 
 
+@pytest.mark.slow
 def test_space_is_accepted_by_the_hub_and_its_app_serves_the_model(fake_hub, run_dir, tmp_path):
     url = push_space(run_dir, hub_cfg(), token=TOKEN, endpoint=fake_hub.url, backoff_s=0)
     api = HfApi(endpoint=fake_hub.url, token=TOKEN)
@@ -263,8 +265,10 @@ def test_space_is_accepted_by_the_hub_and_its_app_serves_the_model(fake_hub, run
     try:
         page = wait_for_http(f"http://127.0.0.1:{port}/", proc)
         assert "gradio" in page.lower()
-        config = wait_for_http(f"http://127.0.0.1:{port}/config", proc)
-        assert '"elem_id": "finetuned"' in config.replace('":"', '": "') and f"{MODEL_REPO}: fine-tuned vs base" in config
+        config = json.loads(wait_for_http(f"http://127.0.0.1:{port}/config", proc))
+        shown = {c["props"].get("elem_id"): c["props"].get("visible") for c in config["components"]}
+        assert shown["finetuned"] is True and shown["base"] is True  # both columns: the adapter's base is known
+        assert config["title"] == f"{MODEL_REPO}: fine-tuned vs base"
     finally:
         stop(proc)
 
@@ -328,6 +332,7 @@ BROWSER_MISSING = [what for what, there in (
     ("selenium (pip install selenium)", importlib.util.find_spec("selenium") is not None)) if not there]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"browser test needs {', '.join(BROWSER_MISSING)}")
 def test_chat_in_a_real_browser_streams_the_greedy_answers(run_dir, references, tmp_path):
     from selenium import webdriver
