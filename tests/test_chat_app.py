@@ -26,7 +26,7 @@ from fakehub.tiny_models import build_run_dir
 from run_helpers import REPO, compose, run_cli
 
 from finetune.chat.app import BASE, FINETUNED, ChatGenerator, Sampling, load_generator
-from finetune.chat.serve import base_for, chat_model_dir, load_chat_generator, run_base_model
+from finetune.chat.serve import base_for, chat_model_dir, load_chat_generator, run_base_model, run_chat
 from finetune.chat.space import TESTED_GRADIO, package_version, push_space, run_space
 from finetune.config.schema import HubConfig
 from finetune.errors import ConfigError, ConfigErrors
@@ -171,6 +171,18 @@ def test_bad_chat_and_space_keys_are_one_line_each(overrides, needle):
     with pytest.raises(ConfigErrors) as caught:
         compose(["recipe=lora-llm", *overrides])
     assert any(needle in line for line in caught.value.lines()), caught.value.lines()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed (pip install 'finetune[chat]')")
+def test_a_port_in_use_is_one_line_naming_chat_port(run_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = OmegaConf.create({"chat": {"model_dir": str(run_dir / "final"), "base_model": None, "host": "127.0.0.1",
+                                         "port": port, "share": False, "max_new_tokens": 8}, "output_dir": None})
+        with pytest.raises(ConfigError, match=rf"chat.port={port} on chat.host=127.0.0.1 cannot be served .*pick another"):
+            run_chat(cfg)
 
 
 def test_missing_gradio_is_one_line_with_the_install_command(run_dir):
