@@ -1,7 +1,8 @@
 """``python -m finetune recipe=<name> [key=value ...]`` — the command-line entry.
 
 Stages (``stage=``): ``train`` (default), ``preprocess`` (tokenise + cache the data only, e.g. on
-CPU nodes before a GPU job), ``export`` (merge an adapter into its base model). ``dry_run=true``
+CPU nodes before a GPU job), ``export`` (merge an adapter into its base model), ``chat`` (a Gradio chat
+over a run's model next to its base), ``space`` (push that chat as a Hub Space). ``dry_run=true``
 prints the plan (parameters, batch sizes, steps, memory estimate) without training.
 
 Overrides are checked before anything heavy is built: every unknown key, wrong type or bad

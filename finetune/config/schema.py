@@ -223,6 +223,10 @@ class HubConfig:
     max_retries: int = 3
     commit_message: Optional[str] = None
     license: Optional[str] = None
+    # A Gradio Space serving the pushed model (finetune/chat/space.py), after the end-of-run push
+    # (hub.push=true) or alone with stage=space; its id defaults to hub.repo_id.
+    space: bool = False
+    space_repo_id: Optional[str] = None
 
 
 @dataclass
@@ -232,6 +236,18 @@ class ExportConfig:
     max_shard_size: str = "2GB"
     adapter_dir: Optional[str] = None  # stage=export: default <output_dir>/final
     out_dir: Optional[str] = None  # stage=export: default <output_dir>/merged
+
+
+@dataclass
+class ChatConfig:
+    """stage=chat (finetune/chat/serve.py): a Gradio chat over a run's model, next to its base."""
+
+    model_dir: Optional[str] = None  # a final/ or merged/ dir; default <output_dir>/final
+    base_model: Optional[str] = None  # a merged / full model's base (default: the run's); adapters bring theirs
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve the local network
+    port: int = 7860
+    share: bool = False  # a public gradio.live link (needs internet)
+    max_new_tokens: int = 256  # the UI's starting value
 
 
 @dataclass
@@ -266,12 +282,13 @@ class RunConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     recipe: str = "lora-llm"  # set by the recipe YAML
     output_dir: Optional[str] = None  # default: runs/<recipe>-<timestamp>, the same on every rank
     seed: int = 42
     resume: str = "false"  # false | auto | <checkpoint dir>
     dry_run: bool = False
-    stage: str = "train"  # train | preprocess | export
+    stage: str = "train"  # train | preprocess | export | chat | space
 
 
 def register_configs() -> None:

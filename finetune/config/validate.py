@@ -97,6 +97,13 @@ def problems(cfg: DictConfig) -> list[str]:
         found.append("model.load_in_4bit=true needs peft.method=lora (QLoRA); "
                      "4-bit weights cannot be fully fine-tuned")
     found += hub_config_problems(cfg.hub)
+    if cfg.hub.space and cfg.stage == "train" and not cfg.hub.push:
+        found.append("hub.space=true pushes a Space next to the pushed model: set hub.push=true too "
+                     "(or push a Space for a run already pushed with stage=space)")
+    if not 1 <= cfg.chat.port <= 65535:
+        found.append(f"chat.port={cfg.chat.port} must be a TCP port, 1-65535")
+    if cfg.chat.max_new_tokens < 1:
+        found.append(f"chat.max_new_tokens={cfg.chat.max_new_tokens} must be >= 1")
     if t.compile and cfg.distributed.strategy not in ("none", "ddp"):
         found.append(f"distributed={cfg.distributed.strategy} with trainer.compile=true is not supported; "
                      "set trainer.compile=false")

@@ -10,7 +10,8 @@
   the training loop.
 
 Keys read from ``hub_cfg`` (``finetune.config.HubConfig``): push, repo_id, private, revision,
-strategy, max_retries, commit_message (license is read by the model card from config.yaml).
+strategy, max_retries, commit_message, space (the chat Space after the run's push,
+:mod:`finetune.chat.space`); license is read by the model card from config.yaml.
 The token comes from the ``token`` argument, ``HF_TOKEN`` or ``huggingface_hub.get_token()``; it
 is passed to the client only, and redacted from every message this module emits.
 The Hub endpoint is ``HF_ENDPOINT`` (read by huggingface_hub at import) unless ``endpoint=`` is given.
@@ -311,6 +312,17 @@ class HubUploader:
         self._put((f"push of {self.run_dir}", lambda: push_run(
             self.run_dir, self.hub_cfg, token=self._token, verify=verify,
             endpoint=self.endpoint, backoff_s=self.backoff_s)))
+        if self.hub_cfg.space:
+            self._put((f"Space for {self.hub_cfg.repo_id}", self._push_space))
+
+    def _push_space(self) -> str:
+        """hub.space=true: the chat Space (finetune/chat/space.py), once the model it serves is pushed."""
+        from finetune.chat.space import push_space
+
+        if not self.results or not self.results[-1].ok:
+            raise HubPushError(f"Space not pushed: the push of the model {self.hub_cfg.repo_id} before it failed")
+        return push_space(self.run_dir, self.hub_cfg, token=self._token, endpoint=self.endpoint,
+                          backoff_s=self.backoff_s)
 
     def close(self, wait: bool = True) -> list[UploadResult]:
         """Stop the worker; with wait=False, jobs still queued are dropped."""

@@ -1,4 +1,5 @@
-"""The stages a run can execute: train, preprocess (data only), export (merge an adapter)."""
+"""The stages a run can execute: train, preprocess (data only), export (merge an adapter), chat (a
+Gradio chat over a run's model) and space (push that chat as a Hub Space)."""
 
 from __future__ import annotations
 
@@ -99,4 +100,17 @@ def run_export(cfg: DictConfig) -> int:
     return 0
 
 
-STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export}
+def run_chat(cfg: DictConfig) -> int:
+    from finetune.chat.serve import run_chat as serve_chat
+
+    return serve_chat(cfg)
+
+
+def run_space(cfg: DictConfig) -> int:
+    from finetune.chat.space import run_space as push_space
+
+    return push_space(cfg)
+
+
+STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export, "chat": run_chat,
+          "space": run_space}

@@ -1,11 +1,15 @@
 """A small, real HTTP server speaking the part of the Hub API that `huggingface_hub` 2.4 uses.
 
+Repo types model and space (`create_repo(repo_type="space", space_sdk=...)`; a Space's URLs carry
+the Hub's `spaces/` prefix: `/api/spaces/<id>/...`, `/spaces/<id>/resolve/...`, `/spaces/<id>.git/...`).
+A repo is keyed by that prefix too: `hub.files("tester/tiny")` is the model, `hub.files("spaces/tester/tiny")`
+the Space of the same name.
 It serves exactly what the real client sends for `create_repo`, `create_branch`,
 `upload_folder` / `create_commit` (README validation, preupload, inline base64 files, the LFS
 batch API with a basic PUT and a verify step), `repo_info`, `list_repo_files`, `list_repo_refs`,
 `whoami` and `hf_hub_download` (HEAD + GET on `/{repo}/resolve/{rev}/{path}`).
 
-Files live under a temp dir: `<root>/repos/<ns>/<name>/<branch>/<path>`, LFS blobs under
+Files live under a temp dir: `<root>/repos/[spaces/]<ns>/<name>/<branch>/<path>`, LFS blobs under
 `<root>/lfs/<sha256>`. Every request but the LFS PUT (which the real client sends to a
 pre-signed storage URL, without credentials) must carry `authorization: Bearer <token>`.
 `fail_next_commits(n)` makes the next n commit calls answer HTTP 500, to exercise retries.
@@ -28,6 +32,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SPACE_SDKS = ("gradio", "streamlit", "docker", "static")  # what the Hub accepts as a Space's sdk
+URL_PREFIXES = {"models": "", "spaces": "spaces/"}  # the /api/<type>/ segment -> the repo key's prefix
 
 
 class HubError(Exception):
@@ -41,6 +47,7 @@ class HubError(Exception):
 @dataclass
 class Repo:
     private: bool
+    sdk: str | None = None  # Spaces only
     branches: dict[str, str] = field(default_factory=lambda: {"main": new_commit_oid()})  # branch -> head oid
     commits: list[dict] = field(default_factory=list)  # newest last: {"oid", "branch", "message"}
 
@@ -114,14 +121,20 @@ class FakeHub:
 
     # --- endpoints -----------------------------------------------------------------------------
     def create_repo(self, body: dict) -> tuple[int, dict]:
-        repo_id = f"{body.get('organization') or self.user}/{body['name']}"
-        if repo_id in self.repos:
+        repo_type = body.get("type") or "model"
+        if repo_type not in ("model", "space"):
+            raise HubError(400, f"Unsupported repo type {repo_type!r} in this fake Hub")
+        name = f"{body.get('organization') or self.user}/{body['name']}"
+        key = f"spaces/{name}" if repo_type == "space" else name
+        if repo_type == "space" and body.get("sdk") not in SPACE_SDKS:
+            raise HubError(400, f"Invalid sdk {body.get('sdk')!r} for a Space; use one of {', '.join(SPACE_SDKS)}")
+        if key in self.repos:
             # The real Hub answers the repo URL with its 409; the client reads it when exist_ok=True.
-            raise HubError(409, "You already created this model repo", extra={"url": f"{self.url}/{repo_id}"})
+            raise HubError(409, f"You already created this {repo_type} repo", extra={"url": f"{self.url}/{key}"})
         private = body.get("visibility") == "private" or bool(body.get("private"))
-        self.repos[repo_id] = Repo(private=private)
-        self.branch_dir(repo_id).mkdir(parents=True)
-        return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
+        self.repos[key] = Repo(private=private, sdk=body.get("sdk"))
+        self.branch_dir(key).mkdir(parents=True)
+        return 200, {"url": f"{self.url}/{key}", "name": name}
 
     def create_branch(self, repo_id: str, branch: str, body: dict) -> tuple[int, dict]:
         repo = self.repo(repo_id)
@@ -203,15 +216,18 @@ class FakeHub:
         branch = self.branch(repo_id, rev)
         repo = self.repos[repo_id]
         siblings = [{"rfilename": e["path"]} for e in self.tree(repo_id, branch)]
-        return 200, {"id": repo_id, "sha": repo.branches[branch], "private": repo.private, "siblings": siblings}
+        info = {"id": repo_id.removeprefix("spaces/"), "sha": repo.branches[branch], "private": repo.private,
+                "siblings": siblings}
+        return 200, info | ({"sdk": repo.sdk} if repo.sdk else {})
 
     def refs(self, repo_id: str) -> tuple[int, dict]:
         branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o} for n, o in self.repo(repo_id).branches.items()]
         return 200, {"branches": branches, "tags": [], "converts": []}
 
 
-def validate_card(content: str) -> tuple[int, dict]:
-    """What the Hub checks in a README.md: YAML front matter that parses to a mapping, and Hub ids."""
+def validate_card(content: str, repo_type: str = "model") -> tuple[int, dict]:
+    """What the Hub checks in a README.md: YAML front matter that parses to a mapping, and Hub ids;
+    a Space's card must name a valid sdk and its models by Hub id."""
     import yaml
 
     match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
@@ -222,6 +238,12 @@ def validate_card(content: str) -> tuple[int, dict]:
     if not isinstance(meta, dict):
         return 400, {"errors": [{"message": "Metadata must be a mapping"}]}
     ids = [meta.get("base_model")] if isinstance(meta.get("base_model"), str) else meta.get("base_model") or []
+    if repo_type == "space" and meta.get("sdk") not in SPACE_SDKS:
+        return 400, {"errors": [{"message": f"\"sdk\" must be one of {', '.join(SPACE_SDKS)}"}]}
+    if repo_type == "space" and not isinstance(meta.get("models") or [], list):
+        return 400, {"errors": [{"message": "\"models\" must be a list of model ids"}]}
+    if repo_type == "space":
+        ids = ids + (meta.get("models") or [])
     bad = [i for i in ids + (meta.get("datasets") or []) if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(i))]
     if bad:
         return 400, {"errors": [{"message": f"Not a Hub id: {bad[0]}"}]}
@@ -280,18 +302,20 @@ class _Handler(BaseHTTPRequestHandler):
             return hub.create_repo(json.loads(body))
         if parts[:2] == ["api", "validate-yaml"]:
             hub.check_auth(auth)
-            return validate_card(json.loads(body)["content"])
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            return self._route_model_api(method, "/".join(parts[2:4]), parts[4:], body, auth)
+            request = json.loads(body)
+            return validate_card(request["content"], request.get("repoType") or "model")
+        if parts[0] == "api" and len(parts) >= 4 and parts[1] in URL_PREFIXES:
+            return self._route_repo_api(method, URL_PREFIXES[parts[1]] + "/".join(parts[2:4]), parts[4:], body, auth)
+        prefix, parts = ("spaces/", parts[1:]) if parts[0] == "spaces" else ("", parts)
         if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
-            repo_id = f"{parts[0]}/{parts[1][: -len('.git')]}"
+            repo_id = f"{prefix}{parts[0]}/{parts[1][: -len('.git')]}"
             hub.check_auth(auth, repo_id)
             return hub.lfs_batch(repo_id, json.loads(body))
         if len(parts) >= 5 and parts[2] == "resolve":
-            return self._resolve(method, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), auth)
+            return self._resolve(method, f"{prefix}{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), auth)
         raise HubError(404, f"No fake Hub route for {method} /{'/'.join(parts)}")
 
-    def _route_model_api(self, method: str, repo_id: str, rest: list[str], body: bytes, auth: str | None):
+    def _route_repo_api(self, method: str, repo_id: str, rest: list[str], body: bytes, auth: str | None):
         hub = self.hub
         writes = method == "POST"
         hub.check_auth(auth, repo_id, write=writes)
@@ -310,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             prefix = "/".join(rest[2:])
             entries = [e for e in hub.tree(repo_id, rest[1]) if e["path"].startswith(prefix)]
             return 200, entries
-        raise HubError(404, f"No fake Hub route for /api/models/{repo_id}/{'/'.join(rest)}")
+        raise HubError(404, f"No fake Hub route for /api/.../{repo_id}/{'/'.join(rest)}")
 
     def _resolve(self, method: str, repo_id: str, rev: str, path: str, auth: str | None):
         hub = self.hub
