@@ -14,6 +14,7 @@ keep no logits. The loss is the same as the full-logits path (tested).
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,10 @@ from finetune.data.tokenize import IGNORE, Encoded, Stats, encode_documents, enc
 from finetune.errors import DataError
 from finetune.model.linear_cross_entropy import (head_passes_hidden_states, linear_cross_entropy_sum,
                                                  plain_lm_head)
+from finetune.outputs import exact_match
 from finetune.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,9 @@ class CausalLMTask(Task):
     """Supervised fine-tuning of a causal LM: chats (alpaca / messages / sharegpt, through the
     tokenizer's chat template, loss on the assistant turns), prompt/completion pairs, or raw text
     (continued pretraining). ``final/``: the adapter or full model + tokenizer; samples.jsonl:
-    greedy completions of the first ``trainer.sample_prompts`` eval prompts at each eval."""
+    greedy completions of the first ``trainer.sample_prompts`` eval prompts at each eval;
+    exact_match.json: greedy exact match on ``trainer.exact_match_prompts`` eval prompts before the
+    first step and after the last (finetune/outputs/exact_match.py)."""
 
     name = "causal-lm"
     formats = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -106,25 +112,45 @@ class CausalLMTask(Task):
         ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
         return Encoded.from_lists(ids, labels), None
 
+    def chats(self, item) -> list[list[dict]]:
+        return [item] if self.cfg.data.format in CHAT_FORMATS else []
+
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
         return causal_lm_loss_sum(model, batch, self.chunked)
 
     def count_targets(self, batch: dict) -> int:
         return count_targets(batch)
 
+    def before_train(self, trainer) -> None:
+        n = self.cfg.trainer.exact_match_prompts
+        if n and trainer.is_main and trainer.state.step == 0:  # a resumed run has no "before"
+            rows = greedy_rows(trainer, n)
+            if rows:
+                exact_match.record(trainer.run_dir, "before", exact_match.score(rows))
+
     def on_eval(self, trainer) -> None:
-        if self.cfg.trainer.sample_prompts:
-            generate_samples(trainer, self.cfg.trainer.sample_prompts)
+        t = self.cfg.trainer
+        final = trainer.state.step == trainer.total_steps
+        n = max(t.sample_prompts, t.exact_match_prompts if final else 0)
+        rows = greedy_rows(trainer, n) if n else []
+        if rows and t.sample_prompts:
+            with (trainer.run_dir / "samples.jsonl").open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows[:t.sample_prompts])
+        if rows and final and t.exact_match_prompts:
+            both = exact_match.record(trainer.run_dir, "after", exact_match.score(rows[:t.exact_match_prompts]))
+            log.info(exact_match.exact_match_line(both.get("before"), both["after"]))
 
 
 @torch.no_grad()
-def generate_samples(trainer, n: int) -> None:
-    """Greedy completions of the first ``n`` eval prompts, appended to ``samples.jsonl``."""
+def greedy_rows(trainer, n: int) -> list[dict]:
+    """Greedy completions of the first ``n`` eval prompts (``step``, ``prompt``, ``completion``,
+    ``reference``); [] without eval data or when the weights are sharded across ranks."""
     data = trainer.data.eval
     if data is None or not trainer.strategy.can_generate_on_main():
-        return  # sharded weights: generation would need every rank
+        return []  # sharded weights: generation would need every rank
     model = trainer.acc.unwrap_model(trainer.model)
     tok = trainer.tokenizer
+    was_training = model.training
     model.eval()
     rows = []
     for i in range(min(n, len(data))):
@@ -139,7 +165,5 @@ def generate_samples(trainer, n: int) -> None:
         rows.append({"step": trainer.state.step, "prompt": tok.decode(prompt[0]),
                      "completion": tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
                      "reference": tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=True)})
-    model.train()
-    with (trainer.run_dir / "samples.jsonl").open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    model.train(was_training)
+    return rows

@@ -1,4 +1,5 @@
-"""The stages a run can execute: train, preprocess (data only), export (merge an adapter)."""
+"""The stages a run can execute: train, preprocess (data only), export (merge an adapter), inspect
+(the data as it would be trained on, no model: finetune/inspect/)."""
 
 from __future__ import annotations
 
@@ -99,4 +100,10 @@ def run_export(cfg: DictConfig) -> int:
     return 0
 
 
-STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export}
+def run_inspect(cfg: DictConfig) -> int:
+    from finetune.inspect import run_inspect as inspect_data
+
+    return inspect_data(cfg)
+
+
+STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export, "inspect": run_inspect}
