@@ -77,7 +77,8 @@ def test_classification_views_are_titled_with_the_label_name():
 def _tok(template: str, bos: str | None = None, bos_on_encode: bool = False) -> PreTrainedTokenizerFast:
     raw = _char_tokenizer(CHAT_SPECIALS + ["<s>"])
     if bos_on_encode:
-        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", raw.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", unk_token="<|unk|>",
                                   eos_token="<|end|>", bos_token=bos,
                                   additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"])

@@ -13,8 +13,8 @@ order: ``check_config`` (with the whole config, before anything is built) -> ``s
 device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> ``auto_model_class``
 / ``model_kwargs`` / ``after_load`` / ``after_wrap`` (model) -> ``before_train`` (model prepared and
 resumed) -> per step ``collator`` rows -> ``before_step`` -> ``loss_sum`` / ``count_targets`` -> per
-log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``. ``stage=inspect`` (no model) calls
-``encode``, ``inspect_views`` and ``chats``.
+log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+``stage=inspect`` (no model) calls ``encode``, ``inspect_views`` and ``chats``.
 """
 
 from __future__ import annotations

@@ -124,46 +124,61 @@ class CausalLMTask(Task):
     def before_train(self, trainer) -> None:
         n = self.cfg.trainer.exact_match_prompts
         if n and trainer.is_main and trainer.state.step == 0:  # a resumed run has no "before"
-            rows = greedy_rows(trainer, n)
+            rows = greedy_rows(trainer, n, exact=True)
             if rows:
                 exact_match.record(trainer.run_dir, "before", exact_match.score(rows))
 
     def on_eval(self, trainer) -> None:
         t = self.cfg.trainer
-        final = trainer.state.step == trainer.total_steps
-        n = max(t.sample_prompts, t.exact_match_prompts if final else 0)
-        rows = greedy_rows(trainer, n) if n else []
-        if rows and t.sample_prompts:
+        if t.sample_prompts:
+            rows = greedy_rows(trainer, t.sample_prompts)
             with (trainer.run_dir / "samples.jsonl").open("a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows[:t.sample_prompts])
-        if rows and final and t.exact_match_prompts:
-            both = exact_match.record(trainer.run_dir, "after", exact_match.score(rows[:t.exact_match_prompts]))
-            log.info(exact_match.exact_match_line(both.get("before"), both["after"]))
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        if t.exact_match_prompts and trainer.state.step == trainer.total_steps:
+            rows = greedy_rows(trainer, t.exact_match_prompts, exact=True)
+            if rows:
+                both = exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
+                log.info(exact_match.exact_match_line(both.get("before"), both["after"]))
+
+
+EXACT_SLACK = 8  # exact match: tokens generated beyond the reference's length (a longer answer is wrong)
 
 
 @torch.no_grad()
-def greedy_rows(trainer, n: int) -> list[dict]:
+def greedy_rows(trainer, n: int, exact: bool = False, batch_size: int = 32) -> list[dict]:
     """Greedy completions of the first ``n`` eval prompts (``step``, ``prompt``, ``completion``,
-    ``reference``); [] without eval data or when the weights are sharded across ranks."""
+    ``reference``), left-padded batches; [] without eval data or when the weights are sharded
+    across ranks. ``exact``: at most the reference's length + EXACT_SLACK new tokens (enough to
+    decide an exact match), else ``trainer.sample_max_new_tokens``."""
     data = trainer.data.eval
     if data is None or not trainer.strategy.can_generate_on_main():
         return []  # sharded weights: generation would need every rank
     model = trainer.acc.unwrap_model(trainer.model)
     tok = trainer.tokenizer
+    examples = []
+    for i in range(min(n, len(data))):
+        ids, labels = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
+        ids, labels = list(map(int, ids)), list(map(int, labels))
+        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
+        examples.append((ids[:first_target], [t for t in labels if t != IGNORE]))
     was_training = model.training
     model.eval()
     rows = []
-    for i in range(min(n, len(data))):
-        ex = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
-        ids, labels = ex
-        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
-        prompt = torch.as_tensor(ids[:first_target], dtype=torch.long, device=trainer.acc.device)[None]
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=trainer.cfg.trainer.sample_max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id,
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        prompt = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(prompt)
+        for k, (p, _) in enumerate(chunk):
+            prompt[k, width - len(p):], mask[k, width - len(p):] = torch.as_tensor(p), 1
+        new = (max(len(r) for _, r in chunk) + EXACT_SLACK if exact
+               else trainer.cfg.trainer.sample_max_new_tokens)
+        out = model.generate(input_ids=prompt.to(trainer.acc.device), attention_mask=mask.to(trainer.acc.device),
+                             max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
-        rows.append({"step": trainer.state.step, "prompt": tok.decode(prompt[0]),
-                     "completion": tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
-                     "reference": tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=True)})
+        for k, (p, ref) in enumerate(chunk):
+            rows.append({"step": trainer.state.step, "prompt": tok.decode(p),
+                         "completion": tok.decode(out[k, width:], skip_special_tokens=True),
+                         "reference": tok.decode(ref, skip_special_tokens=True)})
     model.train(was_training)
     return rows
