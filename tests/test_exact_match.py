@@ -4,11 +4,13 @@ that leaves loss_curves.png, report.md and the exact-match line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from data_helpers import run_cli
 from run_helpers import build_trainer
 
+from finetune.data.sample import make_sample
 from finetune.outputs.exact_match import exact_match_line, exact_matches, read_result, record, score
 from finetune.outputs.report import write_report
 from finetune.tasks.causal_lm import greedy_rows
@@ -79,3 +81,15 @@ def test_left_padded_batches_generate_what_one_prompt_at_a_time_does(tmp_path):
     batched = greedy_rows(trainer, 7, exact=True, batch_size=7)
     assert len({len(r["prompt"]) for r in one}) > 1  # prompts of several lengths: padding is exercised
     assert [r["completion"] for r in batched] == [r["completion"] for r in one]
+
+
+def test_shipped_sample_files_are_what_make_sample_writes_and_held_out_words_are_unseen(tmp_path):
+    make_sample.main(tmp_path)
+    shipped = Path(make_sample.__file__).parent
+    for path in sorted(tmp_path.glob("*.jsonl")):
+        assert path.read_bytes() == (shipped / path.name).read_bytes(), path.name
+    rows = lambda name: [json.loads(x) for x in (shipped / name).read_text().splitlines()]  # noqa: E731
+    train_words = {r["input"] for r in rows("instructions-train.jsonl")}
+    held = rows("instructions-eval.jsonl")
+    assert len(held) == 100 and not train_words & {r["input"] for r in held}
+    assert {r["instruction"] for r in held} == set(make_sample.FIRST_RUN_TASKS)

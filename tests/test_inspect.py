@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from finetune.data.chat_template import ChatSettings, encode_chats
 from finetune.data.records import format_records, read_records
 from finetune.data.tokenize import IGNORE, Stats
-from finetune.inspect import inspect_examples
+from finetune.errors import ConfigError
+from finetune.inspect import inspect_examples, run_inspect
 from finetune.inspect.render import View, html_page, plain_text
 from finetune.inspect.template_checks import (conversation_findings, sequence_findings,
                                               template_findings)
@@ -165,6 +166,12 @@ def test_stage_inspect_writes_the_page_and_the_histogram(recipe, tmp_path):
     assert (out / "inspect_lengths.png").read_bytes()[:4] == b"\x89PNG"
     assert "tokens, " in proc.stdout and "truncated: 0" in proc.stdout
     assert not (out / "final").exists()  # nothing trained
+
+
+def test_streaming_data_is_refused_with_one_line():
+    cfg = compose(["recipe=lora-llm", "stage=inspect", "data.streaming=true", "trainer.max_steps=5"])
+    with pytest.raises(ConfigError, match="stage=inspect reads the data whole.*data.streaming=false"):
+        run_inspect(cfg)
 
 
 @pytest.mark.parametrize("arg,needles", [

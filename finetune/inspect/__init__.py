@@ -77,8 +77,8 @@ def run_inspect(cfg: DictConfig) -> int:
     from finetune.train.run_dir import resolve_run_dir
 
     if cfg.data.streaming:
-        raise ConfigError("stage=inspect reads the data as a whole (lengths, counts); set "
-                          "data.streaming=false for it (the cache it builds serves the streaming-free run)")
+        raise ConfigError("stage=inspect reads the data whole (lengths, counts): run it with "
+                          "data.streaming=false")
     task = get_task(cfg)
     tokenizer = load_tokenizer(cfg, task)
     run_dir = resolve_run_dir(cfg)

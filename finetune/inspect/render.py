@@ -44,7 +44,7 @@ def supervised_runs(view: View) -> list[tuple[int, int]]:
 
 def rich_text(view: View, tokenizer):
     """The view as a :class:`rich.text.Text`: supervised tokens on green, token boundaries shown by
-    alternating shades. Without colours (not a TTY) supervised runs are wrapped in ⟦ ⟧."""
+    alternating shades (:func:`plain_text` is the colourless form)."""
     from rich.text import Text
 
     text = Text()
@@ -55,6 +55,7 @@ def rich_text(view: View, tokenizer):
 
 
 def plain_text(view: View, tokenizer) -> str:
+    """The view as plain text, each run of supervised tokens wrapped in ⟦ ⟧ (not a terminal)."""
     pieces = token_texts(tokenizer, view.ids)
     for start, end in reversed(supervised_runs(view)):
         pieces[start:end] = ["⟦", *pieces[start:end], "⟧"]

@@ -14,7 +14,6 @@ keep no logits. The loss is the same as the full-logits path (tested).
 from __future__ import annotations
 
 import json
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +27,6 @@ from finetune.model.linear_cross_entropy import (head_passes_hidden_states, line
                                                  plain_lm_head)
 from finetune.outputs import exact_match
 from finetune.tasks import Task
-
-log = logging.getLogger(__name__)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -136,9 +133,8 @@ class CausalLMTask(Task):
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
         if t.exact_match_prompts and trainer.state.step == trainer.total_steps:
             rows = greedy_rows(trainer, t.exact_match_prompts, exact=True)
-            if rows:
-                both = exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
-                log.info(exact_match.exact_match_line(both.get("before"), both["after"]))
+            if rows:  # logged by the run's end line (finetune/train/run_log.py)
+                exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
 
 
 EXACT_SLACK = 8  # exact match: tokens generated beyond the reference's length (a longer answer is wrong)

@@ -1,8 +1,10 @@
 """Regenerate the shipped sample datasets (deterministic): ``python -m finetune.data.sample.make_sample``.
 
-- ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks whose answer follows from
-  the input by a fixed rule, so a tiny character-level model visibly learns them in minutes.
-- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): the instruction rows as pairs,
+- ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks on made-up words whose
+  answer follows from the word by a fixed rule (:data:`FIRST_RUN_TASKS`), so a tiny character-level
+  model visibly learns them in minutes; no held-out word occurs in train.
+- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): rows of the earlier tasks
+  (:data:`TASKS` on real words, :func:`instruction_rows`) as pairs,
   chosen = the right answer, rejected = a plausible wrong one (:func:`wrong_answer`), for DPO.
 - ``kto-{train,eval}.jsonl`` (prompt / completion / boolean label): the instruction rows unpaired for
   KTO, each with either its right answer (label true) or a plausible wrong one (label false).
@@ -26,7 +28,7 @@ WORDS = (
 ).split()
 
 # The instruction files' tasks: each answer follows from the word by a per-character rule a
-# 1M-parameter model learns in a couple of minutes of CPU (docs/recipes.md: "The first run").
+# 1M-parameter model learns in a couple of minutes of CPU (README.md, "The first run").
 FIRST_RUN_TASKS = {
     "Write the word in uppercase.": lambda w: w.upper(),
     "Repeat the word twice.": lambda w: f"{w} {w}",
@@ -136,8 +138,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def main() -> None:
-    here = Path(__file__).parent
+def main(here: Path = Path(__file__).parent) -> None:
     rng = random.Random(1234)
     train, held_out = instruction_rows(rng, 2000), instruction_rows(rng, 100)
     write_jsonl(here / "reviews-train.jsonl", review_rows(rng, 1200))
