@@ -169,6 +169,9 @@ class TrainerConfig:
     num_workers: int = 0
     sample_prompts: int = 3  # LLM recipes: greedy samples written at each eval
     sample_max_new_tokens: int = 48
+    # Causal LM: greedy exact match (stripped, exact compare) on the first N eval prompts before
+    # the first step and after the last: exact_match.json, the log and report.md (0: off).
+    exact_match_prompts: int = 0
     progress: bool = True
 
 
@@ -251,6 +254,13 @@ class ChatConfig:
 
 
 @dataclass
+class InspectConfig:
+    """``stage=inspect`` (finetune/inspect/): the data as the model would be trained on it."""
+
+    examples: int = 5  # training records rendered token by token (console and inspect.html)
+
+
+@dataclass
 class PrefConfig:
     """Preference tuning (model.task=dpo | reward | kto; finetune/tasks/preference.py and kto.py have
     the formulas)."""
@@ -283,12 +293,13 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     recipe: str = "lora-llm"  # set by the recipe YAML
     output_dir: Optional[str] = None  # default: runs/<recipe>-<timestamp>, the same on every rank
     seed: int = 42
     resume: str = "false"  # false | auto | <checkpoint dir>
     dry_run: bool = False
-    stage: str = "train"  # train | preprocess | export | chat | space
+    stage: str = "train"  # train | preprocess | export | inspect | chat | space
 
 
 def register_configs() -> None:

@@ -33,10 +33,11 @@ CHOICES = {
     "export.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum", "trainer.log_steps",
-            "trainer.length_group_steps", "trainer.length_split", "data.max_seq_len", "launcher.nproc_per_node", "launcher.nnodes")
+            "trainer.length_group_steps", "trainer.length_split", "data.max_seq_len", "launcher.nproc_per_node",
+            "launcher.nnodes", "inspect.examples")
 NON_NEGATIVE = ("trainer.eval_steps", "trainer.save_steps", "trainer.save_minutes", "trainer.keep_last",
                 "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm",
-                "trainer.eval_max_batches", "data.eval_size")
+                "trainer.eval_max_batches", "data.eval_size", "trainer.exact_match_prompts")
 
 
 def choices() -> dict[str, tuple[str, ...]]:

@@ -1,6 +1,6 @@
 """End-of-run report: ``loss_curves.png`` and ``report.md`` in the run dir (``logger.plots``).
 
-Built from the run dir's own files (``metrics.jsonl``, ``summary.json``), so it can also be
+Built from the run dir's own files (``metrics.jsonl``, ``summary.json``, ``exact_match.json``), so it can also be
 regenerated later: ``python -m finetune.outputs.report <run_dir>``. Main process only; matplotlib is
 used through its object API with the Agg canvas (no pyplot, no global backend switch), which
 keeps it well under a second.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from finetune.outputs.exact_match import exact_match_line, read_result
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -54,11 +56,13 @@ def _fmt(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def report_markdown(run_dir: Path, summary: dict, image: str | None) -> str:
+def report_markdown(run_dir: Path, summary: dict, image: str | None, exact: dict | None = None) -> str:
     figures = ["steps", "first_loss", "last_loss", "eval_loss", "eval_accuracy", "best_eval_loss",
                "best_step", "tokens_per_s", "tokens_seen", "wall_time_s", "world_size", "device"]
     lines = [f"# Run report: {Path(run_dir).name}", "", f"Recipe: `{summary.get('recipe', '-')}`", "",
              "| figure | value |", "|---|---|"]
+    if exact:
+        lines[4:4] = [exact_match_line(exact.get("before"), exact.get("after")), ""]
     lines += [f"| {k} | {_fmt(summary[k])} |" for k in figures if summary.get(k) is not None]
     params = summary.get("parameters") or {}
     if params.get("total"):
@@ -88,7 +92,7 @@ def write_report(run_dir: Path, summary: dict | None = None) -> Path:
     if train or evals:
         image = plot_loss_curves(train, evals, run_dir / "loss_curves.png").name
     out = run_dir / "report.md"
-    out.write_text(report_markdown(run_dir, summary, image))
+    out.write_text(report_markdown(run_dir, summary, image, read_result(run_dir)))
     return out
 
 

@@ -14,6 +14,7 @@ device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> 
 / ``model_kwargs`` / ``after_load`` / ``after_wrap`` (model) -> ``before_train`` (model prepared and
 resumed) -> per step ``collator`` rows -> ``before_step`` -> ``loss_sum`` / ``count_targets`` -> per
 log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
+``stage=inspect`` (no model) calls ``encode``, ``inspect_views`` and ``chats``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ class Task:
         from finetune.data.tokenize import IGNORE
 
         return int((encoded.labels != IGNORE).sum())
+
+    def inspect_views(self, encoded, i: int, label_names: list[str] | None) -> list:
+        """Example ``i`` of an encoded split as the sequences it trains on, for ``stage=inspect``
+        (:class:`finetune.inspect.render.View`: title, ids, labels; labels != -100 are supervised).
+        Default: the example whole, titled with its class label name when the task has labels."""
+        from finetune.inspect.render import View
+
+        ids, labels = (a.tolist() for a in encoded.example(i))
+        title = "example"
+        if label_names and encoded.class_labels is not None:
+            title = f"label: {label_names[int(encoded.class_labels[i])]}"
+        return [View(title, ids, labels)]
+
+    def chats(self, item) -> list[list[dict]]:
+        """The conversations (message lists) of one formatted record, for the template checks of
+        ``stage=inspect``; [] when the format renders no chat template (default)."""
+        return []
 
     def collator(self, tokenizer, pad_to: int | None = None):
         from finetune.data.packing import Collator

@@ -25,6 +25,7 @@ from finetune.data.tokenize import IGNORE, Encoded, Stats, encode_documents, enc
 from finetune.errors import DataError
 from finetune.model.linear_cross_entropy import (head_passes_hidden_states, linear_cross_entropy_sum,
                                                  plain_lm_head)
+from finetune.outputs import exact_match
 from finetune.tasks import Task
 
 
@@ -70,7 +71,9 @@ class CausalLMTask(Task):
     """Supervised fine-tuning of a causal LM: chats (alpaca / messages / sharegpt, through the
     tokenizer's chat template, loss on the assistant turns), prompt/completion pairs, or raw text
     (continued pretraining). ``final/``: the adapter or full model + tokenizer; samples.jsonl:
-    greedy completions of the first ``trainer.sample_prompts`` eval prompts at each eval."""
+    greedy completions of the first ``trainer.sample_prompts`` eval prompts at each eval;
+    exact_match.json: greedy exact match on ``trainer.exact_match_prompts`` eval prompts before the
+    first step and after the last (finetune/outputs/exact_match.py)."""
 
     name = "causal-lm"
     formats = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -106,40 +109,72 @@ class CausalLMTask(Task):
         ids, labels = encode_segmented(tokenizer, segmented, data.max_seq_len, data.overlong, stats)
         return Encoded.from_lists(ids, labels), None
 
+    def chats(self, item) -> list[list[dict]]:
+        return [item] if self.cfg.data.format in CHAT_FORMATS else []
+
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
         return causal_lm_loss_sum(model, batch, self.chunked)
 
     def count_targets(self, batch: dict) -> int:
         return count_targets(batch)
 
+    def before_train(self, trainer) -> None:
+        n = self.cfg.trainer.exact_match_prompts
+        if n and trainer.is_main and trainer.state.step == 0:  # a resumed run has no "before"
+            rows = greedy_rows(trainer, n, exact=True)
+            if rows:
+                exact_match.record(trainer.run_dir, "before", exact_match.score(rows))
+
     def on_eval(self, trainer) -> None:
-        if self.cfg.trainer.sample_prompts:
-            generate_samples(trainer, self.cfg.trainer.sample_prompts)
+        t = self.cfg.trainer
+        if t.sample_prompts:
+            rows = greedy_rows(trainer, t.sample_prompts)
+            with (trainer.run_dir / "samples.jsonl").open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        if t.exact_match_prompts and trainer.state.step == trainer.total_steps:
+            rows = greedy_rows(trainer, t.exact_match_prompts, exact=True)
+            if rows:  # logged by the run's end line (finetune/train/run_log.py)
+                exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
+
+
+EXACT_SLACK = 8  # exact match: tokens generated beyond the reference's length (a longer answer is wrong)
 
 
 @torch.no_grad()
-def generate_samples(trainer, n: int) -> None:
-    """Greedy completions of the first ``n`` eval prompts, appended to ``samples.jsonl``."""
+def greedy_rows(trainer, n: int, exact: bool = False, batch_size: int = 32) -> list[dict]:
+    """Greedy completions of the first ``n`` eval prompts (``step``, ``prompt``, ``completion``,
+    ``reference``), left-padded batches; [] without eval data or when the weights are sharded
+    across ranks. ``exact``: at most the reference's length + EXACT_SLACK new tokens (enough to
+    decide an exact match), else ``trainer.sample_max_new_tokens``."""
     data = trainer.data.eval
     if data is None or not trainer.strategy.can_generate_on_main():
-        return  # sharded weights: generation would need every rank
+        return []  # sharded weights: generation would need every rank
     model = trainer.acc.unwrap_model(trainer.model)
     tok = trainer.tokenizer
+    examples = []
+    for i in range(min(n, len(data))):
+        ids, labels = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
+        ids, labels = list(map(int, ids)), list(map(int, labels))
+        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
+        examples.append((ids[:first_target], [t for t in labels if t != IGNORE]))
+    was_training = model.training
     model.eval()
     rows = []
-    for i in range(min(n, len(data))):
-        ex = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
-        ids, labels = ex
-        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
-        prompt = torch.as_tensor(ids[:first_target], dtype=torch.long, device=trainer.acc.device)[None]
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=trainer.cfg.trainer.sample_max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id,
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        prompt = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(prompt)
+        for k, (p, _) in enumerate(chunk):
+            prompt[k, width - len(p):], mask[k, width - len(p):] = torch.as_tensor(p), 1
+        new = (max(len(r) for _, r in chunk) + EXACT_SLACK if exact
+               else trainer.cfg.trainer.sample_max_new_tokens)
+        out = model.generate(input_ids=prompt.to(trainer.acc.device), attention_mask=mask.to(trainer.acc.device),
+                             max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
-        rows.append({"step": trainer.state.step, "prompt": tok.decode(prompt[0]),
-                     "completion": tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
-                     "reference": tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=True)})
-    model.train()
-    with (trainer.run_dir / "samples.jsonl").open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+        for k, (p, ref) in enumerate(chunk):
+            rows.append({"step": trainer.state.step, "prompt": tok.decode(p),
+                         "completion": tok.decode(out[k, width:], skip_special_tokens=True),
+                         "reference": tok.decode(ref, skip_special_tokens=True)})
+    model.train(was_training)
+    return rows

@@ -182,6 +182,16 @@ class KTOTask(DPOTask):
         starts = encoded.offsets[:-1]
         return int((labelled[starts + np.abs(encoded.class_labels)] - labelled[starts]).sum())
 
+    def inspect_views(self, encoded, i: int, label_names=None) -> list:
+        from finetune.inspect.render import View
+
+        ids, labels = (a.tolist() for a in encoded.example(i))
+        split = int(encoded.class_labels[i])  # +length: desirable, -length: undesirable; the KL part follows
+        return [View("desirable" if split > 0 else "undesirable", ids[:abs(split)], labels[:abs(split)])]
+
+    def chats(self, item) -> list[list[dict]]:
+        return [item[0]]  # (conversation, desirable)
+
     def collator(self, tokenizer, pad_to: int | None = None):
         return KTOCollator(tokenizer.pad_token_id, pad_to)
 

@@ -292,6 +292,16 @@ class DPOTask(Task):
             stats.target_tokens += sum(lab != IGNORE for lab in c_lab + r_lab)
         return Encoded.from_lists(ids, labels, split), None
 
+    def inspect_views(self, encoded, i: int, label_names=None) -> list:
+        from finetune.inspect.render import View
+
+        ids, labels = (a.tolist() for a in encoded.example(i))
+        split = int(encoded.class_labels[i])
+        return [View("chosen", ids[:split], labels[:split]), View("rejected", ids[split:], labels[split:])]
+
+    def chats(self, item) -> list[list[dict]]:
+        return list(item)  # (chosen conversation, rejected conversation)
+
     def collator(self, tokenizer, pad_to: int | None = None):
         return PairCollator(tokenizer.pad_token_id, pad_to)
 

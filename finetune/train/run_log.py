@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from finetune.outputs.exact_match import exact_match_line, read_result
+
 log = logging.getLogger(__name__)
 
 
@@ -34,3 +36,6 @@ def describe_end(trainer) -> None:
              s["tokens_per_s"] or 0)
     log.info("adapter written to %s" if trainer.cfg.peft.method == "lora" else "model written to %s",
              s["final_dir"])
+    exact = read_result(trainer.run_dir)  # trainer.exact_match_prompts (finetune/outputs/exact_match.py)
+    if exact and exact.get("after"):
+        log.info(exact_match_line(exact.get("before"), exact["after"]))

@@ -1,5 +1,6 @@
-"""The stages a run can execute: train, preprocess (data only), export (merge an adapter), chat (a
-Gradio chat over a run's model) and space (push that chat as a Hub Space)."""
+"""The stages a run can execute: train, preprocess (data only), export (merge an adapter), inspect
+(the data as it would be trained on, no model: finetune/inspect/), chat (a Gradio chat over a run's
+model) and space (push that chat as a Hub Space)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,12 @@ def run_export(cfg: DictConfig) -> int:
     return 0
 
 
+def run_inspect(cfg: DictConfig) -> int:
+    from finetune.inspect import run_inspect as inspect_data
+
+    return inspect_data(cfg)
+
+
 def run_chat(cfg: DictConfig) -> int:
     from finetune.chat.serve import run_chat as serve_chat
 
@@ -112,5 +119,5 @@ def run_space(cfg: DictConfig) -> int:
     return push_space(cfg)
 
 
-STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export, "chat": run_chat,
-          "space": run_space}
+STAGES = {"train": run_train, "preprocess": run_preprocess, "export": run_export, "inspect": run_inspect,
+          "chat": run_chat, "space": run_space}

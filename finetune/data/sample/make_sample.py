@@ -1,8 +1,10 @@
 """Regenerate the shipped sample datasets (deterministic): ``python -m finetune.data.sample.make_sample``.
 
-- ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks whose answer follows from
-  the input by a fixed rule, so a tiny character-level model visibly learns them in minutes.
-- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): the instruction rows as pairs,
+- ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks on made-up words whose
+  answer follows from the word by a fixed rule (:data:`FIRST_RUN_TASKS`), so a tiny character-level
+  model visibly learns them in minutes; no held-out word occurs in train.
+- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): rows of the earlier tasks
+  (:data:`TASKS` on real words, :func:`instruction_rows`) as pairs,
   chosen = the right answer, rejected = a plausible wrong one (:func:`wrong_answer`), for DPO.
 - ``kto-{train,eval}.jsonl`` (prompt / completion / boolean label): the instruction rows unpaired for
   KTO, each with either its right answer (label true) or a plausible wrong one (label false).
@@ -25,6 +27,17 @@ WORDS = (
     "clever humble simple narrow hollow frozen golden wooden"
 ).split()
 
+# The instruction files' tasks: each answer follows from the word by a per-character rule a
+# 1M-parameter model learns in a couple of minutes of CPU (README.md, "The first run").
+FIRST_RUN_TASKS = {
+    "Write the word in uppercase.": lambda w: w.upper(),
+    "Repeat the word twice.": lambda w: f"{w} {w}",
+    "Give the first letter.": lambda w: w[0],
+    "Give the last letter.": lambda w: w[-1],
+    "Give the first and last letter.": lambda w: f"{w[0]}{w[-1]}",
+}
+
+# The earlier, harder tasks: the preference and KTO files are still made from them (unchanged).
 TASKS = {
     "Reverse the word.": lambda w: w[::-1],
     "Write the word in uppercase.": lambda w: w.upper(),
@@ -53,6 +66,33 @@ def instruction_rows(rng: random.Random, n: int) -> list[dict]:
         word = rng.choice(WORDS)
         rows.append({"instruction": instruction, "input": word, "output": rule(word)})
     return rows
+
+
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def pseudo_word(rng: random.Random) -> str:
+    """A made-up, pronounceable word of 2-3 syllables ("bakoti"): too many to memorise, so the
+    model has to learn each task's rule."""
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def first_run_rows(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows of :data:`FIRST_RUN_TASKS` on made-up words; no held-out word occurs
+    in train, so the held-out exact match measures the rules learnt, not memory."""
+    row = lambda task, word: {"instruction": task, "input": word, "output": FIRST_RUN_TASKS[task](word)}  # noqa: E731
+    tasks = list(FIRST_RUN_TASKS)
+    held_words: set[str] = set()
+    while len(held_words) < n_eval:
+        held_words.add(pseudo_word(rng))
+    held = [row(tasks[i % len(tasks)], w) for i, w in enumerate(sorted(held_words))]
+    rng.shuffle(held)
+    train = []
+    while len(train) < n_train:
+        word = pseudo_word(rng)
+        if word not in held_words:
+            train.append(row(rng.choice(tasks), word))
+    return train, held
 
 
 def review_rows(rng: random.Random, n: int) -> list[dict]:
@@ -98,12 +138,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def main() -> None:
-    here = Path(__file__).parent
+def main(here: Path = Path(__file__).parent) -> None:
     rng = random.Random(1234)
     train, held_out = instruction_rows(rng, 2000), instruction_rows(rng, 100)
-    write_jsonl(here / "instructions-train.jsonl", train)
-    write_jsonl(here / "instructions-eval.jsonl", held_out)
     write_jsonl(here / "reviews-train.jsonl", review_rows(rng, 1200))
     write_jsonl(here / "reviews-eval.jsonl", review_rows(rng, 150))
     pref_rng = random.Random(5678)  # its own stream: the files above stay as they were
@@ -112,6 +149,9 @@ def main() -> None:
     kto_rng = random.Random(9012)  # its own stream too
     write_jsonl(here / "kto-train.jsonl", kto_rows(train[:1000], kto_rng))
     write_jsonl(here / "kto-eval.jsonl", kto_rows(held_out, kto_rng))
+    first_train, first_eval = first_run_rows(random.Random(3456), 2000, 100)
+    write_jsonl(here / "instructions-train.jsonl", first_train)
+    write_jsonl(here / "instructions-eval.jsonl", first_eval)
 
 
 if __name__ == "__main__":
