@@ -44,10 +44,10 @@ def test_default_lora_llm_run_learns(tmp_path):
     assert "adapter written to" in proc.stdout and "eval_loss" in proc.stdout
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reference"} <= samples[0].keys()
-    # Learning a person can read: the held-out exact match rises (measured 0% -> 46%; the issue's
-    # target of 80% is not reached yet).
+    # Learning a person can read: the held-out exact match goes from ~none to >= 80% (measured
+    # 0% -> 100% at seed 42; README "The first run").
     exact = json.loads((run_dir / "exact_match.json").read_text())
-    assert exact["after"]["n"] == 100 and exact["after"]["hits"] >= 30, exact["after"]
+    assert exact["after"]["n"] == 100 and exact["after"]["hits"] >= 80, exact["after"]
     assert exact["before"]["hits"] <= 10, exact["before"]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("Greedy exact match on 100 held-out prompts"))
     assert line in (run_dir / "report.md").read_text()
