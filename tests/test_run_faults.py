@@ -4,6 +4,8 @@ signal during start-up."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -30,12 +32,31 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_rows(tmp_path):
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     [line] = error_lines(proc)
-    assert "step 2: NaN/inf in micro-batch 1 of 1" in line and "data rows [" in line, line
+    # Where the overflow shows first depends on the data: the loss of the step's one micro-batch,
+    # or only its gradients (the made-up-word sample set); both name the step and the rows.
+    assert re.search(r"step 2: NaN/inf in (micro-batch 1 of 1 \(loss |the gradients)", line), line
+    assert "data rows [" in line, line
     assert "trainer.nonfinite=skip_step" in line
     # The last good state stays: step 1's checkpoint, no final/, and the metrics stop at step 1.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001"]
     assert not (run_dir / "final").exists()
     assert [s for s, _ in train_losses(run_dir)] == [1]
+
+
+def test_a_nan_micro_batch_loss_is_named_with_its_rows(tmp_path):
+    """The message names the first non-finite micro-batch of the step, its loss and its rows."""
+    import torch
+
+    from finetune.errors import NonFiniteError
+    from run_helpers import build_trainer
+
+    trainer = build_trainer([*FAST, "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2"],
+                            tmp_path / "run")
+    micro = next(trainer.feed.steps(0))
+    trainer.micro_losses = [torch.tensor(1.0), torch.tensor(math.nan)]
+    with pytest.raises(NonFiniteError, match=r"step 1: NaN/inf in micro-batch 2 of 2 \(loss nan\), data rows \[") as err:
+        trainer.nonfinite_step(micro)
+    assert str(micro[1]["row_ids"]) in str(err.value)
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def problems(cfg: DictConfig) -> list[str]:
     if t.length_split > 1 and (cfg.data.packing or cfg.data.streaming):
         found.append(f"trainer.length_split={t.length_split} splits unpacked map-style micro-batches by length; "
                      "set data.packing=false and data.streaming=false, or trainer.length_split=1")
-    if t.length_split > t.micro_batch_size:
+    if 1 < t.length_split and t.micro_batch_size >= 1 and t.length_split > t.micro_batch_size:
         found.append(f"trainer.length_split={t.length_split} must be <= trainer.micro_batch_size="
                      f"{t.micro_batch_size} (each part holds at least one row)")
     if p.method == "lora" and (p.r < 1 or p.alpha <= 0):
