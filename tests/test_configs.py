@@ -16,7 +16,7 @@ def group_options():
 
 
 def test_recipes_are_shipped():
-    assert {"lora-llm", "full-llm", "qlora-llm", "lora-classifier", "dpo-llm", "reward-llm", "kto-llm"} <= set(RECIPES)
+    assert {"lora-llm", "full-llm", "qlora-llm", "lora-classifier", "dpo-llm", "reward-llm", "kto-llm", "grpo-llm"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

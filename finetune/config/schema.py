@@ -9,7 +9,7 @@ by :func:`finetune.config.validate.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -280,6 +280,28 @@ class PrefConfig:
 
 
 @dataclass
+class RLConfig:
+    """Online RL (model.task=grpo; finetune/rl/ has the formulas, finetune/tasks/grpo.py the task)."""
+
+    num_generations: int = 8  # completions sampled per prompt (a group); trainer.micro_batch_size counts prompts
+    epochs_per_batch: int = 1  # mu: optimizer steps on each rollout batch, old log-probs fixed (TRL's num_iterations)
+    max_new_tokens: int = 32  # generation length limit; no EOS within it = truncated
+    temperature: float = 1.0  # sampling temperature; the log-probs use logits / temperature too (as TRL)
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    epsilon: float = 0.2  # clip range below 1 (and above, unless epsilon_high is set)
+    epsilon_high: Optional[float] = None  # DAPO's clip-higher upper range; null: epsilon
+    loss: str = "grpo"  # grpo (per-completion mean) | dapo (token-level over the step) | dr_grpo (no length/std normalisation)
+    scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
+    beta: float = 0.0  # weight of the k3 KL to the reference (LoRA: adapter disabled); 0: no reference pass
+    kl_bias_correction: bool = True  # the KL term times the importance ratio (TRL's use_bias_correction_kl, its default)
+    mask_truncated: bool = False  # completions with no EOS train no tokens (still counted as completions)
+    engine: str = "hf"  # hf: transformers generate on the training model | vllm: colocated vLLM (GPU only)
+    # Reward functions: [{_target_: callable, weight: 1.0, ...its kwargs}] (finetune/rl/rewards.py)
+    rewards: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -292,6 +314,7 @@ class RunConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     recipe: str = "lora-llm"  # set by the recipe YAML

@@ -10,7 +10,7 @@ gradient accumulation and DDP for free.
 Adding a task: a module with a ``Task`` subclass, an entry in :data:`TASKS` (or, without editing
 finetune/, ``model.task=package.module:ClassName``), and a recipe. The methods are called in this
 order: ``check_config`` (with the whole config, before anything is built) -> ``setup`` (the run's
-device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> ``auto_model_class``
+device is known) -> ``encode`` / ``target_count`` (data preparation, cached) -> ``collator`` / ``make_feed`` (the feed) -> ``auto_model_class``
 / ``model_kwargs`` / ``after_load`` / ``after_wrap`` (model) -> ``before_train`` (model prepared and
 resumed) -> per step ``collator`` rows -> ``before_step`` -> ``loss_sum`` / ``count_targets`` -> per
 log step ``train_metric_sums`` / ``train_metrics`` -> at eval ``eval_sums`` / ``eval_metrics`` / ``on_eval``.
@@ -29,6 +29,7 @@ TASKS = Registry("model.task", {
     "dpo": "finetune.tasks.preference:DPOTask",
     "reward": "finetune.tasks.preference:RewardTask",
     "kto": "finetune.tasks.kto:KTOTask",
+    "grpo": "finetune.tasks.grpo:GRPOTask",
 })
 
 
@@ -105,6 +106,10 @@ class Task:
         ``stage=inspect``; [] when the format renders no chat template (default)."""
         return []
 
+    def make_feed(self, trainer, feed):
+        """The loop's feed built from the data's ``feed`` (default: that one; GRPO: rollouts)."""
+        return feed
+
     def collator(self, tokenizer, pad_to: int | None = None):
         from finetune.data.packing import Collator
 
@@ -143,6 +148,10 @@ class Task:
 
     def on_eval(self, trainer) -> None:
         """Main process, after each eval (e.g. greedy samples to samples.jsonl)."""
+
+    def plan_rows(self, cfg: DictConfig, plan) -> list[tuple[str, str]]:
+        """Extra (name, value) lines of the ``dry_run=true`` plan (GRPO: the rollouts)."""
+        return []
 
 
 def get_task(cfg: DictConfig) -> Task:

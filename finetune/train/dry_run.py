@@ -72,6 +72,7 @@ def print_plan(cfg: DictConfig) -> None:
                                f"{mem['activations_gib']:.2f}"),
         ("data stats", str({k: v for k, v in data.stats["train"].items() if k != "bad_examples"})),
     ]
+    rows += task.plan_rows(cfg, plan)
     if "packing" in data.stats:
         rows.append(("packing efficiency", f"{data.stats['packing']['train']['packing_efficiency']:.1%}"))
     width = max(len(k) for k, _ in rows)

@@ -111,6 +111,12 @@ class Feed:
     def load_state_dict(self, state: dict | None) -> None:
         pass
 
+    def save_rank_state(self, directory, rank: int, step: int) -> None:
+        """This rank's own files in a checkpoint being written at ``step`` (e.g. a pending RL rollout)."""
+
+    def load_rank_state(self, directory, rank: int, step: int) -> None:
+        """Read back what :meth:`save_rank_state` wrote, resuming at ``step``."""
+
     def stats(self, prepared_stats: dict) -> dict:
         """data_stats.json: the prepared data's counts, brought up to date."""
         return dict(prepared_stats)

@@ -118,6 +118,7 @@ class Trainer:
                                   f"{plan.rows_per_step} rows (world_size x trainer.micro_batch_size x "
                                   "trainer.grad_accum); lower the batch size or add data")
             self.feed = MapFeed(self.data.train, self.collate, plan, acc.process_index, t.num_workers, cfg.seed)
+        self.feed = self.task.make_feed(self, self.feed)  # e.g. RL: rollouts generated from the prompts
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * self.feed.steps_per_epoch)
 
     def _setup_model(self) -> None:
@@ -162,6 +163,7 @@ class Trainer:
         self.state = RunState.from_json(ckpt.read_state(path))
         if self.state.feed_state is not None:
             self.feed.load_state_dict(self.state.feed_state)
+        self.feed.load_rank_state(path, self.acc.process_index, self.state.step)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -296,6 +298,7 @@ class Trainer:
                 weights = self.strategy.trainable_state(acc, self.model)  # a collective when sharded
                 self.strategy.save_optimizer(acc, self.optimizer, tmp)
                 self.writer.write_rank_files(tmp, acc.process_index)  # after the collectives
+                self.feed.save_rank_state(tmp, acc.process_index, self.state.step)
                 if self.is_main:
                     state = self.state.to_json(self.resume_key(), self.feed.steps_per_epoch)
                     self.writer.write_main_files(tmp, weights, self.scheduler, state,
