@@ -260,6 +260,18 @@ def test_config_problems_are_reported():
         compose(["recipe=grpo-llm", "rl.rewards=[]"])
 
 
+def test_model_card_names_the_method_and_rewards(tmp_path):
+    from finetune.outputs.model_card import build_card_data, hyperparameter_rows
+
+    config = {"model": {"task": "grpo"}, "peft": {"method": "none"}, "optim": {"lr": 1e-3},
+              "rl": {"loss": "dapo", "num_generations": 8, "beta": 0.04,
+                     "rewards": [{"_target_": "finetune.rl.rewards.exact_match", "weight": 1.0}]}}
+    rows = dict(hyperparameter_rows(config))
+    assert rows["method"] == "online RL, rl.loss=dapo" and rows["KL beta"] == 0.04
+    assert rows["rewards"] == "finetune.rl.rewards.exact_match x 1.0" and rows["completions per prompt"] == 8
+    assert {"grpo", "dapo"} <= set(build_card_data(tmp_path, config).tags)
+
+
 def test_built_in_rewards():
     from finetune.rl.rewards import exact_match, length_penalty, regex_match
 
@@ -293,30 +305,82 @@ def test_a_reward_model_from_reward_llm_scores_like_the_trained_classifier(tmp_p
 
 
 # ----------------------------------------------------------------------------- whole runs
+def _resume_args(tmp_path):
+    return _overrides(LENGTH, "rl.epochs_per_batch=2", "rl.beta=0.04", "rl.scale_rewards=batch",
+                      "trainer.max_steps=8", "trainer.log_steps=1", "optim.lr=5e-3",
+                      "trainer.eval_steps=8", "trainer.eval_max_batches=1", "trainer.sample_prompts=2",
+                      f"data.cache_dir={tmp_path / 'cache'}")
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(tmp_path_factory):
+    """An uninterrupted mu=2 run with the KL term, checkpoints at steps 3 and 6."""
+    root = tmp_path_factory.mktemp("grpo-ref")
+    ref = root / "ref"
+    run_cli([*_resume_args(root), "trainer.save_steps=3", f"output_dir={ref}"], check=True)
+    return root, ref
+
+
+KEYS = ("grad_norm", "kl", "clip/region", "reward", "advantage_std", "completion_length")
+
+
+def _rows(run_dir):
+    return [{k: r.get(k) for k in KEYS} for r in read_metrics(run_dir) if "loss" in r]
+
+
 @pytest.mark.slow
-def test_cli_run_resumes_bit_identically_inside_a_rollout(tmp_path):
-    """mu=2 with the KL term: a checkpoint at step 3 lies inside rollout 1 (steps 3-4); the resumed
-    run trains step 4 on the saved rollout, then makes rollouts 2 and 3 as the uninterrupted run."""
-    common = _overrides(LENGTH, "rl.epochs_per_batch=2", "rl.beta=0.04", "rl.scale_rewards=batch",
-                        "trainer.max_steps=6", "trainer.log_steps=1", "optim.lr=5e-3",
-                        "trainer.eval_steps=6", "trainer.eval_max_batches=1", "trainer.sample_prompts=2",
-                        f"data.cache_dir={tmp_path / 'cache'}")
-    ref = tmp_path / "ref"
-    run_cli([*common, "trainer.save_steps=3", f"output_dir={ref}"], check=True)
+def test_cli_run_resumes_bit_identically_inside_a_rollout(grpo_reference, tmp_path):
+    """A checkpoint at step 3 lies inside rollout 1 (steps 3-4): the resumed run trains step 4 on the
+    saved rollout, then makes rollouts 2 and 3 as the uninterrupted run did."""
+    root, ref = grpo_reference
     assert (ref / "checkpoints" / "step-00000003" / "rollout-rank0.pt").is_file()
     assert not (ref / "checkpoints" / "step-00000006" / "rollout-rank0.pt").exists()  # a rollout boundary
     losses = train_losses(ref)
-    assert [s for s, _ in losses] == list(range(1, 7))
+    assert [s for s, _ in losses] == list(range(1, 9))
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
-    run_cli([*common, "resume=auto", f"output_dir={resumed}"], check=True)
+    run_cli([*_resume_args(root), "resume=auto", f"output_dir={resumed}"], check=True)
     assert train_losses(resumed) == losses[3:]
-    keys = ("grad_norm", "kl", "clip/region", "reward", "advantage_std", "completion_length")
-    rows = lambda d: [{k: r.get(k) for k in keys} for r in read_metrics(d) if "loss" in r]  # noqa: E731
-    assert rows(resumed) == rows(ref)[3:]
-    assert any(r["kl"] > 0 for r in rows(ref)) and any(abs(loss) > 1e-6 for _, loss in losses)
+    assert _rows(resumed) == _rows(ref)[3:]
+    assert any(r["kl"] > 0 for r in _rows(ref)) and any(abs(loss) > 1e-6 for _, loss in losses)
     evals = [r for r in read_metrics(ref) if "eval_reward" in r]
     assert evals and "eval_rewards/length_penalty" in evals[-1]
+    from PIL import Image
+
+    with Image.open(ref / "loss_curves.png") as img:  # loss, lr and the reward panel
+        assert img.size[0] == 1500
+    assert "| eval_reward |" in (ref / "report.md").read_text()
     samples = [json.loads(x) for x in (ref / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and {"prompt", "completion", "reference", "reward"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_sigusr1_exits_75_and_the_resumed_run_equals_the_uninterrupted_one(grpo_reference, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from run_helpers import REPO
+    from finetune.errors import EXIT_PREEMPTED
+
+    root, ref = grpo_reference
+    run_dir = tmp_path / "preempted"
+    args = [*_resume_args(root), "trainer.max_steps=8", f"output_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
+    (ckpt,) = (run_dir / "checkpoints").glob("step-*")
+    stopped_at = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 2 <= stopped_at < 8
+    assert (ckpt / "rollout-rank0.pt").exists() == (stopped_at % 2 == 1)  # inside a rollout: it is saved
+    run_cli([*args, "resume=auto"], check=True)
+    assert train_losses(run_dir) == train_losses(ref)
+    assert _rows(run_dir) == _rows(ref)

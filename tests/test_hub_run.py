@@ -65,3 +65,26 @@ def test_missing_token_fails_before_training(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "token" in lines[0].lower()
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,extra,method,tags", [
+    ("dpo-llm", ["pref.loss=ipo", "pref.beta=0.2"], "preference tuning, pref.loss=ipo", {"dpo", "ipo"}),
+    ("grpo-llm", ["rl.num_generations=4", "rl.max_new_tokens=6", "trainer.micro_batch_size=4",
+                  "trainer.exact_match_prompts=0"], "online RL, rl.loss=grpo", {"grpo"}),
+])
+def test_preference_and_rl_runs_push_a_card_naming_the_method(hub, tmp_path, recipe, extra, method, tags):
+    run_dir = tmp_path / "run"
+    proc = run_cli([f"recipe={recipe}", "trainer.max_steps=2", "trainer.eval_steps=0", "trainer.sample_prompts=0",
+                    "hub.push=true", f"hub.repo_id=tester/{recipe}", *extra, f"output_dir={run_dir}"],
+                   env=_env(hub), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = hub.files(f"tester/{recipe}")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files), sorted(files)
+    card = ModelCard(files["README.md"].decode())
+    assert tags <= set(card.data.tags) and card.data.pipeline_tag == "text-generation"
+    assert f"| method | {method} |" in card.text
+    if recipe == "dpo-llm":
+        assert "| beta | 0.2 |" in card.text
+    else:
+        assert "| rewards | finetune.rl.rewards.exact_match x 1.0 |" in card.text

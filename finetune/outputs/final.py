@@ -64,6 +64,7 @@ def write_summary(trainer, final_dir: Path) -> dict:
         "last_loss": losses[-1]["loss"] if losses else None,
         "eval_loss": (trainer.final_eval or {}).get("eval_loss"),
         "eval_accuracy": (trainer.final_eval or {}).get("eval_accuracy"),
+        "eval_reward": (trainer.final_eval or {}).get("eval_reward"),  # GRPO: greedy reward on held-out prompts
         "best_eval_loss": state.best_eval,
         "best_step": state.best_step,
         "tokens_per_s": (sum(h["tokens_per_s"] for h in losses) / len(losses)) if losses else None,

@@ -102,7 +102,9 @@ def build_card_data(run_dir: Path, config: dict) -> ModelCardData:
     task = run_task(run_dir, config)
     classifier = task in ("sequence-classification", "reward")  # a reward model is a 1-output classifier
     base = base_model_name(run_dir, config)
-    method = {"dpo": [str(pick(config, "pref.loss", "sigmoid")), "dpo"], "reward": ["reward-model"]}.get(task, [])
+    method = {"dpo": [str(pick(config, "pref.loss", "sigmoid")), "dpo"], "reward": ["reward-model"],
+              "grpo": ["grpo", str(pick(config, "rl.loss", "grpo"))]}.get(task, [])
+    method = list(dict.fromkeys(method))
     return ModelCardData(
         base_model=base if looks_like_hub_id(base) else None,
         library_name="peft" if is_lora else "transformers",
@@ -127,6 +129,17 @@ def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
                 ("label smoothing", pick(config, "pref.label_smoothing")),
                 ("SimPO gamma", pick(config, "pref.gamma") if loss == "simpo" else None),
                 ("ORPO lambda", pick(config, "pref.orpo_lambda") if loss == "orpo" else None),
+                ("started from adapter", pick(config, "model.adapter_path")), *rows]
+    elif task == "grpo":  # online RL: the objective, its group and the rewards (finetune/tasks/grpo.py)
+        rewards = pick(config, "rl.rewards") or []
+        rows = [("method", f"online RL, rl.loss={pick(config, 'rl.loss', 'grpo')}"),
+                ("completions per prompt", pick(config, "rl.num_generations")),
+                ("updates per rollout", pick(config, "rl.epochs_per_batch")),
+                ("max new tokens", pick(config, "rl.max_new_tokens")), ("temperature", pick(config, "rl.temperature")),
+                ("clip epsilon", pick(config, "rl.epsilon")), ("clip epsilon high", pick(config, "rl.epsilon_high")),
+                ("KL beta", pick(config, "rl.beta")), ("reward scaling", pick(config, "rl.scale_rewards")),
+                ("rewards", ", ".join(f"{r.get('_target_')} x {r.get('weight', 1.0)}" for r in rewards
+                                      if isinstance(r, dict)) or None),
                 ("started from adapter", pick(config, "model.adapter_path")), *rows]
     elif task == "reward":
         rows = [("method", "Bradley-Terry reward model"), ("margin", pick(config, "pref.margin")),

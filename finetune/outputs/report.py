@@ -22,14 +22,34 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
+# Reward curves, where a task logs them: GRPO's mean reward, the preference tasks' margin / accuracy.
+REWARD_KEYS = ("reward", "rewards/margin", "rewards/accuracy")
+
+
 def plot_loss_curves(train: list[dict], evals: list[dict], path: Path) -> Path:
-    """Train and eval loss (left) and learning rate (right) against the optimizer step."""
+    """Train and eval loss (left) and learning rate (right) against the optimizer step; a third
+    panel with the reward curves (train and eval) when the rows carry :data:`REWARD_KEYS`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    rewards = [k for k in REWARD_KEYS if any(k in r for r in train) or any(f"eval_{k}" in r for r in evals)]
+    fig = Figure(figsize=(15 if rewards else 10, 4), dpi=100)
     FigureCanvasAgg(fig)
-    loss_ax, lr_ax = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if rewards else 2)
+    loss_ax, lr_ax = axes[0], axes[1]
+    if rewards:
+        reward_ax = axes[2]
+        for k in rewards:
+            rows = [r for r in train if k in r]
+            if rows:
+                reward_ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=f"train {k}", lw=1.2)
+            rows = [r for r in evals if f"eval_{k}" in r]
+            if rows:
+                reward_ax.plot([r["step"] for r in rows], [r[f"eval_{k}"] for r in rows], "o-", ms=4, lw=1.2,
+                               label=f"eval {k}")
+        reward_ax.set(title="rewards", xlabel="step")
+        reward_ax.grid(alpha=0.3)
+        reward_ax.legend()
     if train:
         loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
         lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green", lw=1.2)
@@ -57,7 +77,7 @@ def _fmt(value) -> str:
 
 
 def report_markdown(run_dir: Path, summary: dict, image: str | None, exact: dict | None = None) -> str:
-    figures = ["steps", "first_loss", "last_loss", "eval_loss", "eval_accuracy", "best_eval_loss",
+    figures = ["steps", "first_loss", "last_loss", "eval_loss", "eval_accuracy", "eval_reward", "best_eval_loss",
                "best_step", "tokens_per_s", "tokens_seen", "wall_time_s", "world_size", "device"]
     lines = [f"# Run report: {Path(run_dir).name}", "", f"Recipe: `{summary.get('recipe', '-')}`", "",
              "| figure | value |", "|---|---|"]

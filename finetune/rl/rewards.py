@@ -72,12 +72,13 @@ class RewardModel:
     """A reward model trained by ``recipe=reward-llm``: ``path`` is its run's ``final/`` (a LoRA
     adapter or a full sequence classifier with one output); a completion's reward is the model's
     score of prompt + completion (+ the tokenizer's EOS, as the pairs it was trained on end with the
-    end-of-turn marker), batched, right-padded, on the device of the policy. ``__name__``: its path."""
+    end-of-turn marker), batched, right-padded, on the device of the policy; its metrics are
+    ``rewards/reward_model``."""
 
     def __init__(self, path: str, batch_size: int = 32, device: str | None = None):
         import torch
 
-        self.__name__ = f"RewardModel({path})"
+        self.__name__ = "reward_model"  # the metric name: rewards/reward_model
         self.model, self.tokenizer = load_sequence_classifier(path)
         self.model.eval().requires_grad_(False)
         self.batch_size, self.device = batch_size, device

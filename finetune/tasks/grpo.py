@@ -41,7 +41,7 @@ from finetune.errors import ConfigError, DataError
 from finetune.outputs import exact_match
 from finetune.rl import objective
 from finetune.rl.feed import RolloutFeed
-from finetune.rl.rewards import build_rewards, score, total
+from finetune.rl.rewards import RewardModel, build_rewards, score, total
 from finetune.rl.rollout import token_logps, token_rows, training_rows
 from finetune.rl.sampling import SamplingSettings, completion_lengths, generate, row_seed
 from finetune.tasks.causal_lm import CausalLMTask, greedy_rows, shifted_targets
@@ -145,6 +145,9 @@ class GRPOTask(CausalLMTask):
             raise ConfigError("model.task=grpo needs map-style data (data.streaming=false)")
         self.trainer = trainer
         self.rewards = build_rewards(self.cfg.rl.rewards)
+        for r in self.rewards:  # a reward model scores on the policy's device
+            if isinstance(r.fn, RewardModel) and r.fn.device is None:
+                r.fn.device = trainer.acc.device
         return RolloutFeed(feed, self.make_rollout, self.cfg.rl.epochs_per_batch)
 
     # ------------------------------------------------------------- rollout
