@@ -106,10 +106,14 @@ def _pair_sequences(trainer, i):
         (row["input_ids"][k:].tolist(), row["labels"][k:].tolist())
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "orpo", "orpo-pair"])
 def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
+    """ORPO's SFT term: per chosen token of the batch (pref.orpo_sft=token, the default, as TRL) or
+    per pair (orpo-pair: pref.orpo_sft=pair); the odds-ratio term is per pair either way."""
+    loss, _, sft = loss.partition("-")
     trainer = build_trainer(_overrides(pairs_file, f"pref.loss={loss}", "pref.label_smoothing=0.1"
-                                       if loss == "sigmoid" else "pref.label_smoothing=0.0"), tmp_path / "run")
+                                       if loss == "sigmoid" else "pref.label_smoothing=0.0",
+                                       f"pref.orpo_sft={sft or 'token'}"), tmp_path / "run")
     model = trainer.acc.unwrap_model(trainer.model)
     _perturb(model)
     model.eval()
@@ -118,7 +122,7 @@ def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
     assert batch["input_ids"].shape[0] == 8 and "attention_mask" in batch  # chosen x4 then rejected x4
     with torch.no_grad():
         got = float(trainer.task.loss_sum(model, batch))
-        p, want = trainer.cfg.pref, 0.0
+        p, want, nll, tokens = trainer.cfg.pref, 0.0, 0.0, 0
         for i in rows:
             (c_ids, c_lab), (r_ids, r_lab) = _pair_sequences(trainer, i)
             assert c_lab[-1] != IGNORE and c_ids[-1] == trainer.tokenizer.eos_token_id  # ends with <|end|>
@@ -127,6 +131,11 @@ def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
                 rc, rr = _direct_logps(model, c_ids, c_lab), _direct_logps(model, r_ids, r_lab)
             lc, lr = sum(x != IGNORE for x in c_lab), sum(x != IGNORE for x in r_lab)
             want += reference_loss(loss, p.beta, pc, pr, rc, rr, lc, lr, p.label_smoothing, p.gamma, p.orpo_lambda)
+            if loss == "orpo" and not sft:  # the per-pair SFT term out, the per-token one added below
+                want += pc / lc
+                nll, tokens = nll - pc, tokens + lc
+        if tokens:
+            want += len(rows) * nll / tokens  # summed over pairs, divided by pairs: the mean per token
     assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
 
 
@@ -141,7 +150,7 @@ def _one_step(tmp_path, pairs_file, name, micro, accum, rows, extra=()):
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("extra", [(), ("peft=none",)], ids=["lora", "full"])
+@pytest.mark.parametrize("extra", [(), ("peft=none",), ("pref.loss=orpo",)], ids=["lora", "full", "orpo-token"])
 def test_accumulation_2x4_equals_1x8(tmp_path, pairs_file, extra):
     rows = [0, 5, 17, 42, 9, 23, 31, 60]  # pairs of uneven lengths
     big_loss, big = _one_step(tmp_path, pairs_file, "big", 8, 1, rows, extra)

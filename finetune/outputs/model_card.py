@@ -129,6 +129,7 @@ def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
                 ("label smoothing", pick(config, "pref.label_smoothing")),
                 ("SimPO gamma", pick(config, "pref.gamma") if loss == "simpo" else None),
                 ("ORPO lambda", pick(config, "pref.orpo_lambda") if loss == "orpo" else None),
+                ("ORPO SFT term", pick(config, "pref.orpo_sft") if loss == "orpo" else None),
                 ("started from adapter", pick(config, "model.adapter_path")), *rows]
     elif task == "grpo":  # online RL: the objective, its group and the rewards (finetune/tasks/grpo.py)
         rewards = pick(config, "rl.rewards") or []

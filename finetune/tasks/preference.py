@@ -16,8 +16,11 @@ rejected of a pair go through one forward. Log-probs are computed at completion 
 
 Loss. ``loss_sum`` returns the SUM over pairs of the per-pair loss and ``count_targets`` the number
 of pairs: the loop divides by the pairs of the whole step (all micro-batches, all ranks), so
-accumulation and DDP equal one big batch. Every loss here is per pair; ORPO's SFT term is the mean
-NLL over each pair's chosen tokens (per pair, not per token: one normaliser per step).
+accumulation and DDP equal one big batch. Every loss here is per pair, except ORPO's SFT term:
+with ``pref.orpo_sft=token`` (default, as TRL) it is the NLL per chosen token over the whole step
+(``before_step`` counts the step's chosen tokens and pairs over all micro-batches and ranks and
+weighs each token by pairs / tokens, so accumulation and DDP stay exact; at eval, per eval batch);
+``pref.orpo_sft=pair`` averages it over each pair's tokens first.
 
 Reference. LoRA: the base with the adapter disabled (peft's ``disable_adapter()``; no second
 copy); starting from an SFT adapter (``model.adapter_path``), that adapter is loaded a second
@@ -51,7 +54,8 @@ REFERENCE_ADAPTER = "reference"
 # ------------------------------------------------------------------------------------- maths
 def preference_losses(loss: str, beta: float, policy_chosen, policy_rejected, ref_chosen=None,
                       ref_rejected=None, len_chosen=None, len_rejected=None, *,
-                      label_smoothing: float = 0.0, gamma: float = 0.5, orpo_lambda: float = 0.1):
+                      label_smoothing: float = 0.0, gamma: float = 0.5, orpo_lambda: float = 0.1,
+                      sft_scale: float | None = None):
     """Per-pair losses and rewards from summed completion log-probs (``len_*``: completion tokens).
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, one value per pair. With ``d`` the
@@ -63,7 +67,10 @@ def preference_losses(loss: str, beta: float, policy_chosen, policy_rejected, re
     - ipo: ``(d_avg - 1/(2 beta))^2`` with the log-ratios averaged over each completion's tokens
     - simpo (no reference): ``-logsig(beta (pc/|c| - pr/|r|) - gamma)`` (with label smoothing as sigmoid)
     - orpo (no reference): ``NLL(chosen)/|c| - lambda logsig(log odds(c) - log odds(r))``, the
-      odds of the length-normalised log-probs; rewards ``beta * avg log-prob``.
+      odds of the length-normalised log-probs; rewards ``beta * avg log-prob``. With ``sft_scale``
+      (``pref.orpo_sft=token``) the SFT term is ``NLL(chosen) * sft_scale`` instead, where
+      ``sft_scale = pairs / chosen tokens`` of the whole step: summed over the step's pairs and
+      divided by its pairs, it is the mean NLL per chosen token (TRL's ORPO), not per pair.
     """
     ls = label_smoothing
     if loss in ("simpo", "orpo"):
@@ -73,7 +80,8 @@ def preference_losses(loss: str, beta: float, policy_chosen, policy_rejected, re
             losses = -(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
         else:
             log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-            losses = -avg_c - orpo_lambda * F.logsigmoid(log_odds)
+            sft = -avg_c if sft_scale is None else -policy_chosen * sft_scale
+            losses = sft - orpo_lambda * F.logsigmoid(log_odds)
         return losses, beta * avg_c.detach(), beta * avg_r.detach()
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     d = chosen_ratio - rejected_ratio
@@ -206,6 +214,7 @@ class DPOTask(Task):
         self.ref_table: dict | None = None  # pref.precompute_ref: {"train"|"eval": (rows, 2)} (before_train)
         self.chunked = True  # the LM head in chunks (setup: trainer.chunked_loss)
         self._train_sums: dict = {}  # metric sums of the training batches since the last log
+        self._sft_scale: float | None = None  # ORPO, pref.orpo_sft=token: pairs / chosen tokens of the step
 
     def setup(self, device_type: str) -> None:
         # trainer.chunked_loss=auto: on for CPU, off on CUDA, as for SFT (finetune/config/schema.py).
@@ -220,6 +229,8 @@ class DPOTask(Task):
             problems.append(f"pref.beta={p.beta} must be > 0")
         if not 0 <= p.label_smoothing < 0.5:
             problems.append(f"pref.label_smoothing={p.label_smoothing} must lie in [0, 0.5)")
+        if p.orpo_sft not in ("token", "pair"):
+            problems.append(f"pref.orpo_sft={p.orpo_sft} must be token or pair")
         if cfg.data.streaming:
             problems.append("data.streaming=true is not available for model.task=dpo; set data.streaming=false")
         if p.precompute_ref and not self.needs_reference:
@@ -306,9 +317,30 @@ class DPOTask(Task):
         return PairCollator(tokenizer.pad_token_id, pad_to)
 
     # ---------------------------------------------------------------- loss
+    @property
+    def token_sft(self) -> bool:
+        return self.cfg.pref.loss == "orpo" and self.cfg.pref.orpo_sft == "token"
+
+    @staticmethod
+    def chosen_tokens(batch: dict) -> int:
+        n = batch["input_ids"].shape[0] // 2
+        return int((shifted_targets(batch["labels"][:n]) != IGNORE).sum())
+
+    def before_step(self, trainer, micro: list[dict]) -> None:
+        if self.token_sft:  # the step's pairs / chosen tokens, all micro-batches and ranks
+            from finetune.distributed import all_reduce_sum
+
+            pairs, tokens = all_reduce_sum(trainer.acc, [float(sum(b["num_pairs"] for b in micro)),
+                                                         float(sum(self.chosen_tokens(b) for b in micro))])
+            self._sft_scale = pairs / max(tokens, 1.0)
+
     def pair_outputs(self, model, batch: dict, split: str = "train"):
         """(per-pair losses, chosen rewards, rejected rewards, policy log-probs) of a batch."""
         p = self.cfg.pref
+        sft_scale = None
+        if self.token_sft:  # eval: this batch's own pairs / chosen tokens
+            sft_scale = (self._sft_scale if split == "train" and self._sft_scale is not None
+                         else batch["num_pairs"] / max(self.chosen_tokens(batch), 1))
         logps, lengths = completion_logps(model, batch, self.chunked)
         n = batch["input_ids"].shape[0] // 2
         ref = (None, None)
@@ -321,7 +353,7 @@ class DPOTask(Task):
             ref = (ref_logps[:n], ref_logps[n:])
         losses, rc, rr = preference_losses(p.loss, p.beta, logps[:n], logps[n:], *ref, lengths[:n], lengths[n:],
                                            label_smoothing=p.label_smoothing, gamma=p.gamma,
-                                           orpo_lambda=p.orpo_lambda)
+                                           orpo_lambda=p.orpo_lambda, sft_scale=sft_scale)
         return losses, rc, rr, logps.detach()
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:

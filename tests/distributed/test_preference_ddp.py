@@ -25,10 +25,12 @@ def rows(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_dpo_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "orpo"])
+def test_dpo_two_processes_match_one_process(tmp_path, loss):
+    """orpo: its SFT term per chosen token of the whole step (the token count summed over ranks)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run([*DPO, *ONE_PROC, f"output_dir={one}"])
-    run([*DPO, *two_procs("ddp"), f"output_dir={two}"])
+    run([*DPO, f"pref.loss={loss}", *ONE_PROC, f"output_dir={one}"])
+    run([*DPO, f"pref.loss={loss}", *two_procs("ddp"), f"output_dir={two}"])
     a, b = rows(one), rows(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
