@@ -34,7 +34,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from finetune.data.chat_template import BadChat, ChatSettings, chat_template_for, encode_chats
+from finetune.data.chat_encode import ChatSettings, encode_chats
+from finetune.data.chat_template import BadChat, chat_template_for
 from finetune.data.tokenize import IGNORE, Stats
 
 SHARED = Path("/work/shared/data")

@@ -92,3 +92,15 @@ def finetune_entry(off: tuple[str, ...] = ()) -> list[str]:
     code = "; ".join([SWITCH_OFF[name] for name in off] +
                      ["import runpy; runpy.run_module('finetune', run_name='__main__', alter_sys=True)"])
     return [sys.executable, "-c", code]
+
+
+def run_as_child(fn, args, work: Path) -> None:
+    """The ``--child`` half of a framework comparison: run ``fn(args, work)`` and print its result
+    dict as one JSON line, with the peak RSS of this process or its children (the CLI run), MiB."""
+    import resource
+
+    result = fn(args, work)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: the CLI process
+    result["peak_rss_mib"] = max(own, kids) / 1024
+    print(json.dumps(result))

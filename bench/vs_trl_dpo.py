@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, median, print_machine, read_jsonl  # noqa: E402
+from common import run_as_child, SHARED, median, print_machine, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = SHARED / "preference-real" / "dpo_en_demo.json"
@@ -121,12 +120,7 @@ def main() -> None:
     ap.add_argument("--work")
     args = ap.parse_args()
     if args.child:
-        fn = child_ours if args.child == "ours" else child_trl
-        result = fn(args, Path(args.work))
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: the CLI process
-        result["peak_rss_mib"] = max(own, kids) / 1024
-        print(json.dumps(result))
+        run_as_child(child_ours if args.child == "ours" else child_trl, args, Path(args.work))
         return
     print_machine(f"DPO: finetune vs TRL, {args.shape}, peft={args.peft}, mb {args.mb}, max {args.max_len}")
     from vs_hf import save_model

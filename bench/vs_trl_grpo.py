@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_machine, read_jsonl  # noqa: E402
+from common import run_as_child, median, print_machine, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "finetune" / "data" / "sample" / "instructions-train.jsonl"
@@ -233,12 +232,7 @@ def main() -> None:
     if args.steps <= args.warmup:
         raise SystemExit("--steps must be > --warmup")
     if args.child:
-        fn = child_ours if args.child == "ours" else child_trl
-        result = fn(args, Path(args.work))
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: the CLI process
-        result["peak_rss_mib"] = max(own, kids) / 1024
-        print(json.dumps(result))
+        run_as_child(child_ours if args.child == "ours" else child_trl, args, Path(args.work))
         return
     print_machine(f"GRPO: finetune vs TRL, {args.shape}, {PROMPTS} prompts x G {G}, {NEW_TOKENS} new tokens, "
                   f"T {TEMPERATURE}, LoRA r8 (no embed / lm_head), {args.steps} steps ({args.warmup} warm-up)")

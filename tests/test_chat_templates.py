@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from finetune.data import cache_key, prepare_data
-from finetune.data.chat_template import (BadChat, ChatSettings, chat_template_for, encode_chats,
-                                         presets, render_prompts, resolve_chat_template)
+from finetune.data.chat_encode import ChatSettings, encode_chats, render_prompts
+from finetune.data.chat_presets import presets, resolve_chat_template
+from finetune.data.chat_template import BadChat, chat_template_for
 from finetune.data.sources import Record
 from finetune.data.streaming import encode_chunk
 from finetune.data.tokenize import IGNORE, Stats

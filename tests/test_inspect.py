@@ -12,7 +12,7 @@ from test_cli import assert_one_line_error
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from finetune.data.chat_template import ChatSettings, encode_chats
+from finetune.data.chat_encode import ChatSettings, encode_chats
 from finetune.data.records import format_records, read_records
 from finetune.data.tokenize import IGNORE, Stats
 from finetune.errors import ConfigError

@@ -1,8 +1,12 @@
 """Chat templates -> input ids + loss mask, exactly as the template renders the conversation.
 
-Entry point (plain values in, no config objects)::
+This module renders and locates (:func:`chat_template_for` -> :class:`ChatTemplate`); the entry
+point that turns conversations into training rows is :mod:`finetune.data.chat_encode` (plain values
+in, no config objects)::
 
     ids, labels = encode_chats(tokenizer, chats, ChatSettings(...), stats, on_bad=callback)
+
+and model.chat_template presets / files are resolved by :mod:`finetune.data.chat_presets`.
 
 Each conversation is rendered ONCE, whole, by the tokenizer's own template and encoded in ONE call,
 so training sees the token ids inference sees (no per-segment encodes: SentencePiece would add a
@@ -48,24 +52,11 @@ import logging
 import re
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
-from finetune.data.tokenize import IGNORE, fit_length
-from finetune.errors import ConfigError, DataError
+from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).parent / "chat_templates"
-# The tokens each preset writes; they must be single tokens of the tokenizer it is used with.
-PRESET_TOKENS = {
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "qwen3": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "gemma": ("<start_of_turn>", "<end_of_turn>"),
-    "mistral": ("[INST]", "[/INST]"),
-    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
-    "deepseek-r1": ("<｜User｜>", "<｜Assistant｜>"),
-}
 SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a template, checked absent
 THINK = "<think>\n{}\n</think>\n\n{}"  # how Qwen3 and DeepSeek-R1 write a reasoning block
 
@@ -74,76 +65,6 @@ class BadChat(ValueError):
     """A conversation this template cannot render or mask; the message names the problem."""
 
 
-@dataclass(frozen=True)
-class ChatSettings:
-    """What ``encode_chats`` needs, as plain values (``from_config`` reads them from a run config)."""
-
-    train_on: str = "all"  # all | last | each: which assistant turns carry loss (module docstring)
-    train_on_prompt: bool = False  # loss on every token up to the last trained turn
-    append_eos: str = "auto"  # auto: only where the template marks no turn end | always | never
-    strict: bool = False  # text the template drops or refuses -> BadChat instead of a warning
-    date: str = "2024-07-26"  # what strftime_now() returns in templates (Llama-3.2's date header)
-    name: str = "chat data"  # names the template/family in warnings and errors
-    max_len: int = 1 << 30
-    overlong: str = "truncate"  # truncate | drop
-
-    def __post_init__(self):
-        for key, value, allowed in (("train_on", self.train_on, ("all", "last", "each")),
-                                    ("append_eos", self.append_eos, ("auto", "always", "never"))):
-            if value not in allowed:
-                raise ConfigError(f"data.{key}={value!r} is not valid; choose one of: "
-                                  f"{', '.join(allowed)}")
-
-    @classmethod
-    def from_config(cls, cfg) -> "ChatSettings":
-        data, model = cfg.data, cfg.model
-        template = model.chat_template
-        name = template if template and ("{" not in template) else model.name_or_path
-        return cls(train_on=data.train_on, train_on_prompt=bool(data.train_on_prompt),
-                   append_eos=data.append_eos, strict=bool(data.strict_template),
-                   date=str(data.chat_date), name=str(name), max_len=int(data.max_seq_len),
-                   overlong=data.overlong)
-
-
-# ----------------------------------------------------------------------------- presets
-def presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.jinja"))
-
-
-def resolve_chat_template(value: str, tokenizer=None) -> str:
-    """``model.chat_template``: a preset name, a file (Jinja, or JSON with a ``chat_template``
-    field such as a tokenizer_config.json), or a Jinja string -> the template text."""
-    value = str(value)
-    if value in PRESET_TOKENS or (PRESET_DIR / f"{value}.jinja").is_file():
-        missing = [t for t in PRESET_TOKENS.get(value, ()) if tokenizer is not None
-                   and not _is_single_token(tokenizer, t)]
-        if missing:
-            raise ConfigError(f"model.chat_template={value}: the tokenizer has no token for "
-                              f"{', '.join(missing)}; use the preset of the model's family "
-                              f"({', '.join(presets())}) or pass its template")
-        return (PRESET_DIR / f"{value}.jinja").read_text()
-    if "{{" in value or "{%" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.chat_template={value!r} is not a preset ({', '.join(presets())}), "
-                          "an existing file or a Jinja template")
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            text = json.loads(text)["chat_template"]
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"model.chat_template={value}: a JSON file needs a 'chat_template' "
-                              "field with the template") from None
-    return text
-
-
-def _is_single_token(tokenizer, token: str) -> bool:
-    ids = tokenizer.backend_tokenizer.encode(token, add_special_tokens=False).ids
-    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
-
-
-# ----------------------------------------------------------------------------- rendering
 def _split_reasoning(message: dict) -> tuple[str, str]:
     """(reasoning, answer) of an assistant message: a reasoning field, or <think> in the content."""
     content = message["content"]
@@ -478,114 +399,3 @@ def chat_template_for(tokenizer, date: str) -> ChatTemplate:
     if key not in per_tokenizer:
         per_tokenizer[key] = ChatTemplate(tokenizer, source, date)
     return per_tokenizer[key]
-
-
-# ----------------------------------------------------------------------------- encoding
-def _trained_turns(messages: list[dict], train_on: str) -> list[list[int]]:
-    """Per example of this conversation, the assistant messages it trains (``each``: one example
-    per assistant turn, the conversation cut after it)."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-        raise BadChat("the conversation has no assistant message to train on")
-    if train_on == "all":
-        return [turns]
-    if train_on == "last":
-        return [turns[-1:]]
-    return [[i] for i in turns]
-
-
-def _token_at(enc, char: int, lo: int, hi: int, step: int) -> int | None:
-    """The token covering ``char``, else the nearest covered character towards ``step`` in [lo, hi)."""
-    while lo <= char < hi:
-        token = enc.char_to_token(char)
-        if token is not None:
-            return token
-        char += step
-    return None
-
-
-def encode_chats(tokenizer, chats: list[list[dict]], settings: ChatSettings, stats,
-                 on_bad=None, batch_size: int = 1024) -> tuple[list[list[int]], list[list[int]]]:
-    """Conversations -> kept ``(ids, labels)`` (``data.overlong`` applied and counted in ``stats``).
-
-    A conversation that cannot be rendered or masked calls ``on_bad(index, reason)`` (the caller
-    names the row's file:line, then raises or counts it); without ``on_bad`` it raises BadChat.
-    Labels are -100 outside the trained spans (everywhere up to the last trained token with
-    ``train_on_prompt``) and on the first token. The example ends with the last trained token:
-    what the template renders after it (Qwen's newline after ``<|im_end|>``) carries no loss.
-    """
-    template = chat_template_for(tokenizer, settings.date)
-    notes = stats.template_notes
-    examples: list[tuple[str, list[tuple[int, int]]]] = []
-    for index, messages in enumerate(chats):
-        row = []
-        try:
-            for trained in _trained_turns(messages, settings.train_on):
-                cut = messages[: trained[-1] + 1]
-                text, spans, path = template.locate(cut, trained, settings.strict, settings.name,
-                                                    notes)
-                notes[f"path_{path}"] = notes.get(f"path_{path}", 0) + 1
-                row.append((text, spans))
-        except BadChat as exc:
-            if on_bad is None:
-                raise
-            on_bad(index, str(exc))
-            continue
-        examples += row
-    all_ids, all_labels = [], []
-    for first in range(0, len(examples), batch_size):
-        chunk = examples[first:first + batch_size]
-        encodings = template.backend.encode_batch([text for text, _ in chunk],
-                                                  add_special_tokens=False)
-        for (text, spans), enc in zip(chunk, encodings):
-            ids, labels = _mask(enc, text, spans, template, settings, notes)
-            fitted = fit_length(ids, labels, settings.max_len, settings.overlong, stats)
-            if fitted:
-                all_ids.append(fitted[0])
-                all_labels.append(fitted[1])
-    return all_ids, all_labels
-
-
-def _mask(enc, text, spans, template: ChatTemplate, settings: ChatSettings, notes: dict):
-    """Labels from character spans; the example cut after its last trained token."""
-    ids = enc.ids
-    token_spans = []
-    for start, end in spans:
-        t0 = _token_at(enc, start, start, end, 1)
-        t1 = _token_at(enc, end - 1, start, end, -1)
-        if t0 is not None and t1 is not None:
-            token_spans.append((t0, t1 + 1))
-    if not token_spans:
-        return [], []
-    final_end = spans[-1][1]
-    seq_end = template.layout.seq_end if template.layout else ""
-    if seq_end and settings.append_eos != "never" and final_end == len(text) - len(seq_end) \
-            and text.endswith(seq_end):
-        token_spans[-1] = (token_spans[-1][0], len(ids))  # the template's own end of sequence
-    n = token_spans[-1][1]
-    ids = ids[:n]
-    if settings.train_on_prompt:
-        labels = list(ids)
-    else:
-        labels = [IGNORE] * n
-        for t0, t1 in token_spans:
-            labels[t0:t1] = ids[t0:t1]
-    if ids[-1] != template.eos_id and (settings.append_eos == "always" or (
-            settings.append_eos == "auto" and not text.endswith(template.specials, 0, final_end))):
-        if settings.append_eos == "auto":
-            template._note(notes, "eos_appended", f"{settings.name}: the chat template ends "
-                           f"assistant turns without a special token; {template.eos} is appended "
-                           "(data.append_eos=never to not)", level=logging.INFO)
-        ids = ids + [template.eos_id]
-        labels = labels + [template.eos_id]
-    labels[0] = IGNORE
-    return ids, labels
-
-
-def render_prompts(tokenizer, prompts: list[list[dict]], settings: ChatSettings) -> list[list[int]]:
-    """Prompt conversations -> the ids a model generates from (``add_generation_prompt=True``),
-    rendered and encoded once each like :func:`encode_chats` (for RL rollouts and evaluation).
-    A prompt the template cannot render raises :class:`BadChat`."""
-    template = chat_template_for(tokenizer, settings.date)
-    texts = [template._render_row(p, gen=True) for p in prompts]
-    return [e.ids for e in template.backend.encode_batch(texts, add_special_tokens=False)]

@@ -51,7 +51,7 @@ def load_tokenizer(cfg: DictConfig, task=None):
         except (OSError, ValueError) as exc:
             raise _offline_hint(path, exc) from exc
     if cfg.model.chat_template:  # a preset name, a file or a Jinja string
-        from finetune.data.chat_template import resolve_chat_template
+        from finetune.data.chat_presets import resolve_chat_template
 
         tok.chat_template = resolve_chat_template(cfg.model.chat_template, tok)
     if tok.pad_token is None:

@@ -18,7 +18,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from finetune.data.chat_template import ChatSettings, encode_chats
+from finetune.data.chat_encode import ChatSettings, encode_chats
 from finetune.data.formats import CHAT_FORMATS
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats, encode_documents, encode_segmented

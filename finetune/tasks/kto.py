@@ -1,7 +1,7 @@
 """KTO (Kahneman-Tversky Optimisation) on the same loop: unpaired desirable / undesirable examples.
 
 Rows. ``data.format=kto`` gives one chat per record (ending with the completion) and a boolean
-``label``. It is rendered by :func:`finetune.data.chat_template.encode_chats` with
+``label``. It is rendered by :func:`finetune.data.chat_encode.encode_chats` with
 ``train_on="last"``, as SFT and DPO: the labels cover exactly the completion tokens and the
 template's end-of-turn marker. A row stores TWO sequences, like a DPO pair: the example ``(x_i,
 y_i)`` followed by its mismatched KL sequence ``(x_i, y_{i-1})`` (the prompt tokens of this row,
@@ -37,7 +37,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from finetune.data.chat_template import ChatSettings, encode_chats
+from finetune.data.chat_encode import ChatSettings, encode_chats
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats
 from finetune.distributed import all_reduce_sum

@@ -1,7 +1,7 @@
 """Preference tuning (DPO family) on the same loop: one training row = one pair.
 
 Rows. ``data.format=preference`` gives two chats per record (the same prompt + chosen / rejected),
-each rendered by :func:`finetune.data.chat_template.encode_chats` with ``train_on="last"``: the
+each rendered by :func:`finetune.data.chat_encode.encode_chats` with ``train_on="last"``: the
 labels cover exactly the completion tokens and the template's end-of-turn marker, as in SFT. A
 pair is stored as ONE example: chosen ids followed by rejected ids, with the length of the chosen
 part in ``Encoded.class_labels`` (the per-example integer the cache already keeps), so that the
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from finetune.data.chat_template import ChatSettings, encode_chats
+from finetune.data.chat_encode import ChatSettings, encode_chats
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats
 from finetune.errors import DataError
