@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from model_helpers import perturb
 from run_helpers import build_trainer, compose, read_metrics, run_cli, train_losses
 from finetune.data.tokenize import IGNORE
 from finetune.rl.rollout import token_logps, token_rows
@@ -27,11 +28,8 @@ def _overrides(*extra):
             "rl.num_generations=4", "rl.max_new_tokens=8", "trainer.micro_batch_size=4", *extra]
 
 
-def _perturb(model, seed=0, scale=0.02):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+def _perturb(model, seed=0, scale=0.02):  # every weight: full fine-tuning and LoRA alike
+    perturb(model, seed, scale, trainable_only=False)
 
 
 def _prompt_batch(trainer, rows):
@@ -157,13 +155,14 @@ def test_accumulation_2x2_equals_1x4(tmp_path, loss):
 def test_loss_and_gradient_equal_trl(tmp_path, loss, mu, beta, corrected):
     """The same rollout (prompts of one length, completions, advantages, old and reference log-probs)
     fed to our loss_sum / count_targets and to TRL's GRPOTrainer._compute_loss, full fine-tuning,
-    fp32 (TRL's default bf16 autocast on CPU off)."""
+    fp32 (TRL's default bf16 autocast on CPU off), the recipe's temperature 0.7 on both sides (the
+    log-probs of logits / T)."""
     pytest.importorskip("trl")
     from accelerate.state import AcceleratorState
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    trainer = build_trainer(_overrides("peft=none", f"rl.loss={loss}", "rl.epsilon_high=0.28",
+    trainer = build_trainer(_overrides("peft=none", f"rl.loss={loss}", "rl.epsilon_high=0.28", "rl.temperature=0.7",
                                        f"rl.epochs_per_batch={mu}", f"rl.beta={beta}",
                                        f"rl.kl_bias_correction={corrected}"), tmp_path / "ours")
     model = trainer.acc.unwrap_model(trainer.model)
@@ -188,7 +187,7 @@ def test_loss_and_gradient_equal_trl(tmp_path, loss, mu, beta, corrected):
 
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=16, num_generations=4,
                       max_completion_length=8, loss_type=loss, epsilon=0.2, epsilon_high=0.28, beta=beta,
-                      temperature=1.0, num_iterations=mu, use_bias_correction_kl=corrected, bf16=False, report_to=[], use_cpu=True, save_strategy="no")
+                      temperature=0.7, num_iterations=mu, use_bias_correction_kl=corrected, bf16=False, report_to=[], use_cpu=True, save_strategy="no")
     try:
         trl = GRPOTrainer(model=start, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args,
                           train_dataset=Dataset.from_list([{"prompt": "x"}] * 16), processing_class=trainer.tokenizer)

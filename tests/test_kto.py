@@ -19,6 +19,7 @@ import shutil
 import pytest
 import torch
 
+from model_helpers import direct_logps, perturb
 from run_helpers import build_trainer, read_metrics, run_cli, train_losses
 from finetune.data.sample.make_sample import instruction_rows, kto_rows
 from finetune.data.tokenize import IGNORE
@@ -65,22 +66,6 @@ def _overrides(path, *extra):
             "trainer.sample_prompts=0", *extra]
 
 
-def _perturb(model, seed=0):
-    """Move the trainable weights off their init, so the policy differs from its reference."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def _direct_logps(model, ids, labels) -> float:
-    """One unpadded sequence, all logits, float64: the sum of log p(token) over the label positions."""
-    logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False).logits[0].double()
-    logp = logits.log_softmax(-1)
-    return sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != IGNORE)
-
-
 def _sequences(trainer, i):
     """(example ids, labels), (KL ids, labels), desirable of training row i."""
     row = trainer.data.train[i]
@@ -93,7 +78,7 @@ def test_task_loss_equals_direct_computation(tmp_path, kto_file):
     trainer = build_trainer(_overrides(kto_file, "pref.desirable_weight=1.3", "pref.undesirable_weight=0.8",
                                        "pref.beta=0.5"), tmp_path / "run")
     model = trainer.acc.unwrap_model(trainer.model)
-    _perturb(model, seed=2)  # a seed where the estimate is positive (not clamped to 0)
+    perturb(model, seed=2)  # a seed where the estimate is positive (not clamped to 0)
     model.eval()
     rows = [0, 3, 7, 11, 20, 33]
     batch = trainer.collate([trainer.data.train[i] for i in rows])
@@ -105,8 +90,8 @@ def test_task_loss_equals_direct_computation(tmp_path, kto_file):
         alone = float(trainer.task.loss_sum(model, batch))  # outside a step: the batch's own z
         seqs = [_sequences(trainer, i) for i in rows]
         with model.disable_adapter():
-            ref = [(_direct_logps(model, *ex), _direct_logps(model, *kl)) for ex, kl, _ in seqs]
-        pol = [(_direct_logps(model, *ex), _direct_logps(model, *kl)) for ex, kl, _ in seqs]
+            ref = [(direct_logps(model, *ex), direct_logps(model, *kl)) for ex, kl, _ in seqs]
+        pol = [(direct_logps(model, *ex), direct_logps(model, *kl)) for ex, kl, _ in seqs]
     z = max(0.0, sum(pk - rk for (_, pk), (_, rk) in zip(pol, ref)) / len(rows))
     assert z > 0.05  # the clamp does not hide the estimate here
     want = sum(reference_loss("kto", p.beta, pe - re, d, z, 1.3, 0.8)
@@ -124,7 +109,7 @@ def test_accumulation_2x4_equals_1x8_with_the_step_kl(tmp_path, kto_file):
     takes the step's micro-batches as given): the same loss and gradients."""
     trainer = build_trainer(_overrides(kto_file, "pref.beta=1.0"), tmp_path / "run")
     model = trainer.acc.unwrap_model(trainer.model)
-    _perturb(model, seed=2)  # the step's z is positive (> 0 after the clamp), its two halves' differ
+    perturb(model, seed=2)  # the step's z is positive (> 0 after the clamp), its two halves' differ
     rows = [0, 5, 17, 42, 9, 23, 31, 60]  # uneven lengths, both labels
 
     def step(micro):
@@ -150,7 +135,7 @@ def test_lora_starts_from_an_sft_adapter(tmp_path, kto_file):
     log-ratio and z are 0 and each loss is w * (1 - sigmoid(0)) = w / 2."""
     sft = build_trainer(["recipe=lora-llm", "trainer.sample_prompts=0"], tmp_path / "sft")
     sft_model = sft.acc.unwrap_model(sft.model)
-    _perturb(sft_model, seed=3)
+    perturb(sft_model, seed=3)
     sft_model.save_pretrained(tmp_path / "sft-final")
     trainer = build_trainer(_overrides(kto_file, f"model.adapter_path={tmp_path / 'sft-final'}",
                                        "pref.desirable_weight=2.0"), tmp_path / "kto")

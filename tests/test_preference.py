@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from model_helpers import direct_logps, perturb
 from run_helpers import build_trainer, compose, run_cli, train_losses, read_metrics
 from finetune.data.sample.make_sample import instruction_rows, preference_rows
 from finetune.data.tokenize import IGNORE
@@ -83,22 +84,6 @@ def _overrides(pairs_file, *extra):
             "trainer.sample_prompts=0", *extra]
 
 
-def _perturb(model, seed=0):
-    """Move the trainable weights off their init, so the policy differs from its reference."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def _direct_logps(model, ids, labels) -> float:
-    """One unpadded sequence, all logits, float64: the sum of log p(token) over the label positions."""
-    logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False).logits[0].double()
-    logp = logits.log_softmax(-1)
-    return sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != IGNORE)
-
-
 def _pair_sequences(trainer, i):
     row = trainer.data.train[i]
     k = row["class_label"]
@@ -115,7 +100,7 @@ def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
                                        if loss == "sigmoid" else "pref.label_smoothing=0.0",
                                        f"pref.orpo_sft={sft or 'token'}"), tmp_path / "run")
     model = trainer.acc.unwrap_model(trainer.model)
-    _perturb(model)
+    perturb(model)
     model.eval()
     rows = [0, 3, 7, 11]
     batch = trainer.collate([trainer.data.train[i] for i in rows])
@@ -126,9 +111,9 @@ def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
         for i in rows:
             (c_ids, c_lab), (r_ids, r_lab) = _pair_sequences(trainer, i)
             assert c_lab[-1] != IGNORE and c_ids[-1] == trainer.tokenizer.eos_token_id  # ends with <|end|>
-            pc, pr = _direct_logps(model, c_ids, c_lab), _direct_logps(model, r_ids, r_lab)
+            pc, pr = direct_logps(model, c_ids, c_lab), direct_logps(model, r_ids, r_lab)
             with model.disable_adapter():
-                rc, rr = _direct_logps(model, c_ids, c_lab), _direct_logps(model, r_ids, r_lab)
+                rc, rr = direct_logps(model, c_ids, c_lab), direct_logps(model, r_ids, r_lab)
             lc, lr = sum(x != IGNORE for x in c_lab), sum(x != IGNORE for x in r_lab)
             want += reference_loss(loss, p.beta, pc, pr, rc, rr, lc, lr, p.label_smoothing, p.gamma, p.orpo_lambda)
             if loss == "orpo" and not sft:  # the per-pair SFT term out, the per-token one added below
@@ -143,7 +128,7 @@ def _one_step(tmp_path, pairs_file, name, micro, accum, rows, extra=()):
     trainer = build_trainer(_overrides(pairs_file, f"trainer.micro_batch_size={micro}",
                                        f"trainer.grad_accum={accum}", *extra), tmp_path / name)
     model = trainer.acc.unwrap_model(trainer.model)
-    _perturb(model)
+    perturb(model)
     batches = [trainer.collate([trainer.data.train[i] for i in rows[k * micro:(k + 1) * micro]])
                for k in range(accum)]
     loss = trainer.accumulate_gradients(batches, sum(trainer.task.count_targets(b) for b in batches))
@@ -165,8 +150,8 @@ def test_lora_reference_equals_frozen_copy(tmp_path, pairs_file):
     lora = build_trainer(_overrides(pairs_file), tmp_path / "lora")
     full = build_trainer(_overrides(pairs_file, "peft=none"), tmp_path / "full")
     assert lora.task.ref_model is None and full.task.ref_model is not None  # no second copy with LoRA
-    _perturb(lora.acc.unwrap_model(lora.model))  # LoRA weights and the fully trained embeddings / head
-    _perturb(full.acc.unwrap_model(full.model))
+    perturb(lora.acc.unwrap_model(lora.model))  # LoRA weights and the fully trained embeddings / head
+    perturb(full.acc.unwrap_model(full.model))
     batch = lora.collate([lora.data.train[i] for i in range(6)])
     with torch.no_grad():
         via_adapter = lora.task.reference_logps(lora.model, batch)
@@ -191,7 +176,7 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path, pairs_file, extra):
         want = live.task.reference_logps(live.model, batch)
     assert torch.allclose(table["train"][rows].T.reshape(-1), want, atol=1e-5)
     for trainer in (live, pre):
-        _perturb(trainer.acc.unwrap_model(trainer.model))
+        perturb(trainer.acc.unwrap_model(trainer.model))
     grads, losses = [], []
     for trainer in (live, pre):
         batch = {**trainer.collate([trainer.data.train[i] for i in rows]), "row_ids": rows}
@@ -412,7 +397,7 @@ def test_reward_model_loss_and_accuracy_equal_direct_computation(tmp_path, pairs
     model = trainer.acc.unwrap_model(trainer.model)
     assert model.config.num_labels == 1
     assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)  # the head trains
-    _perturb(model)
+    perturb(model)
     model.eval()
     rows = [1, 4, 9, 16, 25]
     batch = trainer.collate([trainer.data.train[i] for i in rows])
