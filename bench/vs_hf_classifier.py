@@ -15,10 +15,13 @@ accuracy on all 1,000 val rows. Two settings (``--setting``):
 HF: its defaults for the rest (DataCollatorWithPadding: pad to the longest of each random batch).
 finetune: the recipe's batching unless ``--finetune-arg`` overrides it. Train samples/s excludes
 the first ``--warmup`` steps. Each run is a fresh process; sides alternate per seed.
+``--packing both``: finetune runs twice per seed, ``data.packing=false`` and ``=true`` (padding-free
+micro-batches of the same random examples), each side's ratio to HF printed.
 
     python bench/vs_hf_classifier.py --setting issue --seeds 0,1,2,3,4
     python bench/vs_hf_classifier.py --setting recipe --seeds 0,1,2,3,4
     python bench/vs_hf_classifier.py --quick     # 1 seed, 40 steps
+    python bench/vs_hf_classifier.py --setting issue --seeds 0 --packing both
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def finetune_result(out: Path, warmup: int) -> dict:
         k = r["step"] - prev
         if prev >= warmup:
             seconds += r["step_time_s"] * k
-            samples += r["samples_per_s"] * r["step_time_s"] * k
+            samples += BS * k  # examples: BS per step, packed or not
         prev = r["step"]
     acc = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r][-1]
     return {"samples_s": samples / seconds, "accuracy": acc}
@@ -151,6 +154,8 @@ def main() -> None:
     p.add_argument("--finetune-arg", action="append", default=[], metavar="OVERRIDE",
                    help="an extra Hydra override for the finetune runs (repeatable), e.g. "
                         "trainer.group_by_length=true")
+    p.add_argument("--packing", choices=["recipe", "false", "true", "both"], default="recipe",
+                   help="finetune's data.packing: the recipe's, forced, or both (two finetune sides)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -169,16 +174,21 @@ def main() -> None:
     code, _, _ = run_child(finetune_cmd(work, setting, a.steps, a.warmup, work / "pre", 0) + ["stage=preprocess"],
                            log=work / "log-preprocess.txt")
     assert code == 0, f"preprocess failed; see {work / 'log-preprocess.txt'}"
-    results: dict[str, list] = {"finetune": [], "hf": []}
+    # finetune sides: name -> extra overrides
+    sides = {"recipe": {"finetune": []}, "false": {"finetune": ["data.packing=false"]},
+             "true": {"finetune": ["data.packing=true"]},
+             "both": {"finetune": ["data.packing=false"], "finetune-packed": ["data.packing=true"]}}[a.packing]
+    results: dict[str, list] = {**{k: [] for k in sides}, "hf": []}
     env = {"TOKENIZERS_PARALLELISM": "false"}
     for i, seed in enumerate(seeds):
-        for kind in (["finetune", "hf"] if i % 2 == 0 else ["hf", "finetune"]):
+        order = [*sides, "hf"]
+        for kind in (order if i % 2 == 0 else order[::-1]):
             log = work / f"log-{kind}-{seed}.txt"
-            if kind == "finetune":
+            if kind in sides:
                 out = work / "run"
                 shutil.rmtree(out, ignore_errors=True)
                 code, wall, rss = run_child(finetune_cmd(work, setting, a.steps, a.warmup, out, seed,
-                                                         tuple(a.finetune_arg)), env=env, log=log)
+                                                         tuple(a.finetune_arg + sides[kind])), env=env, log=log)
                 res = finetune_result(out, a.warmup) if code == 0 else None
             else:
                 code, wall, rss = run_child([sys.executable, __file__, "--worker", "--work", str(work),
@@ -190,7 +200,7 @@ def main() -> None:
                 raise SystemExit(f"{kind} failed ({code}); see {log}")
             res.update(rss_mib=rss, wall_s=wall, load=os.getloadavg()[0], seed=seed)
             results[kind].append(res)
-            print(f"  seed {seed} {kind:8s} train samples/s {res['samples_s']:7.1f}  val acc "
+            print(f"  seed {seed} {kind:15s} train samples/s {res['samples_s']:7.1f}  val acc "
                   f"{res['accuracy']:.4f}  rss {rss:.0f} MiB  load {res['load']:.2f}", flush=True)
     rows = [{"framework": k, "samples_s": median([r["samples_s"] for r in rs]),
              "acc": sum(r["accuracy"] for r in rs) / len(rs), "min": min(r["accuracy"] for r in rs),
@@ -200,22 +210,25 @@ def main() -> None:
     print(table(rows, [("framework", "framework", ""), ("samples_s", "train samples/s (median)", ".1f"),
                        ("acc", "val acc mean", ".4f"), ("min", "min", ".4f"), ("max", "max", ".4f"),
                        ("rss", "peak RSS MiB", ",.0f"), ("runs", "seeds", "")]))
-    pairs = [f["samples_s"] / h["samples_s"] for f, h in zip(results["finetune"], results["hf"])]
-    speed = median(pairs)
-    print(f"finetune/hf train samples/s, median of per-seed ratios {speed:.2f}x "
-          f"(per seed {', '.join(f'{x:.2f}' for x in pairs)}); target >= 1.5x: {'MET' if speed >= 1.5 else 'NOT MET'}")
+    for side in sides:
+        pairs = [f["samples_s"] / h["samples_s"] for f, h in zip(results[side], results["hf"])]
+        speed = median(pairs)
+        print(f"{side}/hf train samples/s, median of per-seed ratios {speed:.2f}x (per seed "
+              f"{', '.join(f'{x:.2f}' for x in pairs)}); target >= 1.5x: {'MET' if speed >= 1.5 else 'NOT MET'}")
     accs = {k: [r["accuracy"] for r in rs] for k, rs in results.items()}
     for k, v in accs.items():
-        print(f"val accuracy {k:8s} per seed {', '.join(f'{x:.4f}' for x in v)} ({summary(v)})")
+        print(f"val accuracy {k:15s} per seed {', '.join(f'{x:.4f}' for x in v)} ({summary(v)})")
     mean = {k: sum(v) / len(v) for k, v in accs.items()}
     # "Collapsed": the majority-class rate of the val rows or below it (a run that predicts one class).
     val = read_jsonl(work / "val.jsonl")
     majority = max(sum(r["label"] == lab for r in val) for lab in LABELS) / len(val)
     collapsed = {k: sum(x <= majority + 0.01 for x in v) for k, v in accs.items()}
-    print(f"collapsed runs (acc <= majority-class rate {majority:.3f} + 0.01): finetune {collapsed['finetune']}, "
-          f"hf {collapsed['hf']}")
-    ok = mean["finetune"] >= mean["hf"] - 0.005 and collapsed["finetune"] <= collapsed["hf"]
-    print(f"target mean >= HF mean - 0.5 points and no collapse where HF has none: {'MET' if ok else 'NOT MET'}")
+    print(f"collapsed runs (acc <= majority-class rate {majority:.3f} + 0.01): "
+          + ", ".join(f"{k} {n}" for k, n in collapsed.items()))
+    for side in sides:
+        ok = mean[side] >= mean["hf"] - 0.005 and collapsed[side] <= collapsed["hf"]
+        print(f"{side}: target mean >= HF mean - 0.5 points and no collapse where HF has none: "
+              f"{'MET' if ok else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ both sides; ``--peft none``: full fine-tuning against a frozen copy), micro-batc
 lr 1e-4 constant, sequences cut at --max-len tokens. ``--precompute``: reference log-probs computed
 once before training on both sides (finetune ``pref.precompute_ref=true``, TRL
 ``precompute_ref_log_probs=True``); the precompute pass is not in the timed steps of either.
+``--packed``: finetune with ``data.packing=true`` (each micro-batch's chosen + rejected sequences
+packed padding-free, finetune/tasks/preference_batches.py); TRL pads as before.
 
 Each framework runs in a fresh process, one after the other, ``--repeats`` times (order flipped each
 repeat); tokens/s = non-padding tokens of chosen + rejected per second of the steps after the first
@@ -17,6 +19,7 @@ sum of each batch); RSS = the child's peak resident set (ru_maxrss).
 
     python bench/vs_trl_dpo.py --shape tiny --steps 12          # a minute
     python bench/vs_trl_dpo.py                                  # SmolLM2-135M shape, both reference modes
+    python bench/vs_trl_dpo.py --packed --modes live            # finetune's packed pairs vs TRL
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def child_ours(args, work: Path) -> dict:
            "optim.scheduler=constant", "optim.warmup_steps=0", "optim.warmup_ratio=0.0",
            f"pref.precompute_ref={'true' if args.precompute else 'false'}", "seed=42", f"output_dir={out}"]
     cmd += ["peft=none"] if args.peft == "none" else ["peft.r=16", "peft.alpha=32", "peft.dropout=0.0"]
+    cmd += ["data.packing=true"] if args.packed else []
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"finetune failed:\n{proc.stderr[-3000:]}")
@@ -117,12 +121,14 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--child", choices=["ours", "trl"])
     ap.add_argument("--precompute", action="store_true")
+    ap.add_argument("--packed", action="store_true", help="finetune with data.packing=true (TRL unchanged)")
     ap.add_argument("--work")
     args = ap.parse_args()
     if args.child:
         run_as_child(child_ours if args.child == "ours" else child_trl, args, Path(args.work))
         return
-    print_machine(f"DPO: finetune vs TRL, {args.shape}, peft={args.peft}, mb {args.mb}, max {args.max_len}")
+    print_machine(f"DPO: finetune vs TRL, {args.shape}, peft={args.peft}, mb {args.mb}, max {args.max_len}"
+                  f"{', finetune packed' if args.packed else ''}")
     from vs_hf import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +140,7 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--child", name, "--work", tmp, "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--mb", str(args.mb), "--max-len", str(args.max_len),
                            "--data", args.data, "--peft", args.peft] + (["--precompute"] if mode == "precompute" else [])
+                    cmd += ["--packed"] if args.packed else []
                     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                           env={**os.environ, "PYTHONPATH": str(REPO)})
                     if proc.returncode:

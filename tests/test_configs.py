@@ -63,7 +63,7 @@ def test_required_model_set_is_covered():
     (["optim.scheduler=step"], "optim.scheduler"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
     (["data.format=classification"], "model.task"),
-    (["recipe=lora-classifier", "data.packing=true"], "data.packing"),
+    (["recipe=reward-llm", "data.packing=true"], "data.packing"),
     (["hub.push=true"], "hub.repo_id"),
     (["distributed.offload=true"], "distributed.offload"),
     (["resume=true"], "resume"),

@@ -93,3 +93,31 @@ def test_shipped_sample_files_are_what_make_sample_writes_and_held_out_words_are
     held = rows("instructions-eval.jsonl")
     assert len(held) == 100 and not train_words & {r["input"] for r in held}
     assert {r["instruction"] for r in held} == set(make_sample.FIRST_RUN_TASKS)
+
+
+def test_dpo_scores_the_chosen_answer_and_reports_reward_accuracy(tmp_path):
+    """recipe=dpo-llm: the held-out prompts answered greedily are the pairs' prompts, the reference is
+    the chosen text (not chosen + rejected); the end line and report.md carry the held-out reward
+    accuracy; samples.jsonl the greedy answers. A scorer (reward-llm) refuses exact match in one line."""
+    out = tmp_path / "dpo"
+    proc = run_cli("recipe=dpo-llm", "trainer.max_steps=4", "trainer.eval_steps=0", "trainer.micro_batch_size=4",
+                   "trainer.exact_match_prompts=5", "trainer.eval_max_batches=2", f"output_dir={out}",
+                   cache_dir=tmp_path / "cache", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pairs = [json.loads(x) for x in (Path(make_sample.__file__).parent / "preference-eval.jsonl").read_text().splitlines()]
+    result = json.loads((out / "exact_match.json").read_text())
+    assert result["before"]["n"] == result["after"]["n"] == 5
+    for miss in result["after"]["misses"]:
+        pair = next(p for p in pairs if miss["prompt"].find(p["prompt"]) >= 0)
+        assert miss["reference"] == pair["chosen"]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["reference"] for s in samples] == [p["chosen"] for p in pairs[:len(samples)]] and samples
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["eval_reward_accuracy"] <= 1.0
+    assert f"held-out reward accuracy {summary['eval_reward_accuracy']:.3f}" in proc.stdout + proc.stderr
+    assert "eval_reward_accuracy" in (out / "report.md").read_text()
+    bad = run_cli("recipe=reward-llm", "trainer.exact_match_prompts=5", "trainer.max_steps=1",
+                  f"output_dir={tmp_path / 'rm'}", cache_dir=tmp_path / "cache", timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1, bad.stderr
+    assert "trainer.exact_match_prompts=5 is not available for model.task=reward" in lines[0]

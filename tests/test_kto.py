@@ -23,7 +23,7 @@ from model_helpers import direct_logps, perturb
 from run_helpers import build_trainer, read_metrics, run_cli, train_losses
 from finetune.data.sample.make_sample import instruction_rows, kto_rows
 from finetune.data.tokenize import IGNORE
-from finetune.tasks.kto import KTO_LOSSES, kto_losses
+from finetune.tasks.kto import KTO_LOSSES, kl_part, kto_losses
 
 
 def sig(x: float) -> float:
@@ -154,6 +154,74 @@ def test_lora_starts_from_an_sft_adapter(tmp_path, kto_file):
     assert not torch.allclose(policy, base, atol=1e-2)  # the SFT adapter is not the base
 
 
+# ----------------------------------------------------------------------------- precomputed reference
+def _live_reference(trainer, split, rows):
+    """The live reference's (example, KL) log-probs of ``rows``, in batches of 5 (not the table's 4)."""
+    data = trainer.data.train if split == "train" else trainer.data.eval
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(rows), 5):
+            batch = trainer.collate([data[i] for i in rows[k:k + 5]])
+            out.append(torch.stack([trainer.task.reference_logps(trainer.model, batch),
+                                    trainer.task.reference_logps(trainer.model, kl_part(batch))], 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("extra,scale", [((), 0.05), (("peft=none",), 0.02)], ids=["lora", "full"])
+def test_precomputed_reference_equals_on_the_fly(tmp_path, kto_file, extra, scale, monkeypatch):
+    """pref.precompute_ref=true: the table holds each row's reference log-prob of its example and of
+    its KL sequence (fixed per row), so a step's loss, z, gradients and the eval metrics equal the
+    live reference's; a second trainer reads the same file (same key) without computing it."""
+    import finetune.tasks.reference_logps as reference_logps
+
+    common = _overrides(kto_file, "trainer.micro_batch_size=4", "data.eval_size=6", "pref.beta=1.0",
+                        f"data.cache_dir={tmp_path / 'cache'}", *extra)
+    live = build_trainer(common, tmp_path / "live")
+    pre = build_trainer([*common, "pref.precompute_ref=true"], tmp_path / "pre")
+    assert live.task.ref_table is None and (live.task.ref_model is not None) == bool(extra)
+    files = list(pre.data.cache_dir.glob("reference-logps-*.safetensors"))
+    assert [f.name for f in files] == [f"reference-logps-{pre.task.ref_key}.safetensors"]
+    assert pre.task.ref_key.endswith("-kto") and pre.task.ref_model is None  # full: the frozen copy is dropped
+    table = pre.task.ref_table
+    n = len(pre.data.train)
+    assert table["train"].shape == (n, 2) and table["eval"].shape == (6, 2)
+    order = list(range(n))
+    random.Random(0).shuffle(order)  # other batch compositions and widths than the table's
+    assert torch.allclose(table["train"][order], _live_reference(live, "train", order), atol=1e-5)
+    assert torch.allclose(table["eval"], _live_reference(live, "eval", list(range(6))), atol=1e-5)
+    assert not torch.allclose(table["train"][:, 0], table["train"][:, 1], atol=1e-2)  # two distinct columns
+
+    for trainer in (live, pre):
+        perturb(trainer.acc.unwrap_model(trainer.model), seed=2, scale=scale)  # z > 0 (not clamped)
+    rows = [0, 5, 17, 42, 9, 23, 31, 50]
+    grads, losses, kls = [], [], []
+    for trainer in (live, pre):  # one step of 2 micro-batches of 4: the step's z from both
+        micro = [{**trainer.collate([trainer.data.train[i] for i in part]), "row_ids": part}
+                 for part in (rows[:4], rows[4:])]
+        trainer.task.train_metric_sums()
+        losses.append(float(trainer.accumulate_gradients(micro, 8)))
+        kls.append(float(trainer.task.train_metric_sums()["kl"]) / 2)
+        grads.append({n: p.grad for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
+                      if p.requires_grad})
+    assert abs(losses[0] - losses[1]) < 1e-6 and abs(kls[0] - kls[1]) < 1e-5 and kls[0] > 0.05
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    a, b = live.evaluate(), pre.evaluate()
+    assert a.keys() == b.keys() and {"eval_kl", "eval_rewards/chosen", "eval_logps/chosen"} <= set(a)
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a if k != "step"), (a, b)
+    assert a["eval_kl"] > 0
+
+    def no_compute(*args):
+        raise AssertionError("the reference table was computed again")
+
+    monkeypatch.setattr(reference_logps, "_compute", no_compute)
+    again = build_trainer([*common, "pref.precompute_ref=true"], tmp_path / "again")
+    assert again.task.ref_key == pre.task.ref_key
+    assert torch.equal(again.task.ref_table["train"], table["train"])
+    assert torch.equal(again.task.ref_table["eval"], table["eval"])
+
+
 def test_config_problems_are_reported():
     from run_helpers import compose
     from finetune.errors import ConfigError
@@ -165,6 +233,9 @@ def test_config_problems_are_reported():
     assert "pref.undesirable_weight=0" in text
     with pytest.raises(ConfigError, match="does not fit data.format=preference"):
         compose(["recipe=kto-llm", "data=sample-preference"])
+    with pytest.raises(ConfigError, match="data.packing=true is not available for model.task=kto"):
+        compose(["recipe=kto-llm", "data.packing=true"])  # DPO packs pairs; KTO does not (yet)
+    assert compose(["recipe=kto-llm", "pref.precompute_ref=true"]).pref.precompute_ref  # once refused
 
 
 # ----------------------------------------------------------------------------- data
@@ -346,3 +417,29 @@ def test_cli_run_on_the_shipped_data_resumes_bit_identically(tmp_path):
     stats = json.loads((ref / "data_stats.json").read_text())
     assert stats["train"]["kept"] == 1000 and stats["eval"]["kept"] == 100
     assert (ref / "final" / "adapter_model.safetensors").is_file() and not (ref / "final" / "reference").exists()
+
+
+@pytest.mark.slow
+def test_cli_resume_with_the_precomputed_reference_is_bit_identical(tmp_path, kto_file):
+    """pref.precompute_ref=true through the CLI: the first run writes the table, the resumed run reads
+    it (no second file, no recomputation) and continues bit for bit, train and eval rows alike."""
+    common = _overrides(kto_file, "pref.precompute_ref=true", "trainer.max_steps=6", "trainer.log_steps=1",
+                        "trainer.eval_steps=3", "data.eval_size=8", "trainer.micro_batch_size=4",
+                        "trainer.grad_accum=2", "optim.lr=5e-3", f"data.cache_dir={tmp_path / 'cache'}")
+    ref = tmp_path / "ref"
+    first = run_cli([*common, "trainer.save_steps=3", f"output_dir={ref}"], check=True)
+    assert "eval rows written to" in first.stdout + first.stderr
+    losses = train_losses(ref)
+    assert [s for s, _ in losses] == list(range(1, 7))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    again = run_cli([*common, "resume=auto", f"output_dir={resumed}"], check=True)
+    assert "(precomputed)" in again.stdout + again.stderr and "rows written to" not in again.stdout + again.stderr
+    assert len(list((tmp_path / "cache").rglob("reference-logps-*-kto.safetensors"))) == 1
+    assert train_losses(resumed) == losses[3:]
+    kl = lambda d: [(r["kl"], r["rewards/chosen"], r["rewards/rejected"])  # noqa: E731
+                    for r in read_metrics(d) if "loss" in r]
+    assert kl(resumed) == kl(ref)[3:] and any(k > 0 for k, _, _ in kl(ref))
+    evals = lambda d: [r for r in read_metrics(d) if "eval_loss" in r]  # noqa: E731
+    assert [r["step"] for r in evals(ref)] == [3, 6] and evals(resumed)[-1] == evals(ref)[-1]

@@ -80,7 +80,9 @@ def pairs_file(tmp_path_factory):
 
 
 def _overrides(pairs_file, *extra):
-    return ["recipe=dpo-llm", f"data.path={pairs_file}", "data.eval_split=null", "data.eval_size=0",
+    # plain DPO, no exact match: what these tests were written on (the recipe adds pref.rpo_alpha=1.0)
+    return ["recipe=dpo-llm", "pref.rpo_alpha=0", "trainer.exact_match_prompts=0",
+            f"data.path={pairs_file}", "data.eval_split=null", "data.eval_size=0",
             "trainer.sample_prompts=0", *extra]
 
 
@@ -91,14 +93,17 @@ def _pair_sequences(trainer, i):
         (row["input_ids"][k:].tolist(), row["labels"][k:].tolist())
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "orpo", "orpo-pair"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "orpo", "orpo-pair", "sigmoid-rpo", "ipo-rpo"])
 def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
     """ORPO's SFT term: per chosen token of the batch (pref.orpo_sft=token, the default, as TRL) or
-    per pair (orpo-pair: pref.orpo_sft=pair); the odds-ratio term is per pair either way."""
+    per pair (orpo-pair: pref.orpo_sft=pair); the odds-ratio term is per pair either way. -rpo:
+    pref.rpo_alpha=0.5, half the batch's NLL per chosen token added to the DPO loss."""
     loss, _, sft = loss.partition("-")
+    rpo = 0.5 if sft == "rpo" else 0.0
     trainer = build_trainer(_overrides(pairs_file, f"pref.loss={loss}", "pref.label_smoothing=0.1"
                                        if loss == "sigmoid" else "pref.label_smoothing=0.0",
-                                       f"pref.orpo_sft={sft or 'token'}"), tmp_path / "run")
+                                       f"pref.orpo_sft={'pair' if sft == 'pair' else 'token'}",
+                                       f"pref.rpo_alpha={rpo}"), tmp_path / "run")
     model = trainer.acc.unwrap_model(trainer.model)
     perturb(model)
     model.eval()
@@ -119,8 +124,10 @@ def test_task_loss_equals_direct_computation(tmp_path, pairs_file, loss):
             if loss == "orpo" and not sft:  # the per-pair SFT term out, the per-token one added below
                 want += pc / lc
                 nll, tokens = nll - pc, tokens + lc
-        if tokens:
-            want += len(rows) * nll / tokens  # summed over pairs, divided by pairs: the mean per token
+            if rpo:
+                nll, tokens = nll - pc, tokens + lc
+        if tokens:  # summed over pairs, divided by pairs: the mean per token
+            want += (rpo or 1.0) * len(rows) * nll / tokens
     assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
 
 
@@ -135,7 +142,8 @@ def _one_step(tmp_path, pairs_file, name, micro, accum, rows, extra=()):
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("extra", [(), ("peft=none",), ("pref.loss=orpo",)], ids=["lora", "full", "orpo-token"])
+@pytest.mark.parametrize("extra", [(), ("peft=none",), ("pref.loss=orpo",), ("pref.rpo_alpha=1.0",)],
+                         ids=["lora", "full", "orpo-token", "rpo"])
 def test_accumulation_2x4_equals_1x8(tmp_path, pairs_file, extra):
     rows = [0, 5, 17, 42, 9, 23, 31, 60]  # pairs of uneven lengths
     big_loss, big = _one_step(tmp_path, pairs_file, "big", 8, 1, rows, extra)
@@ -273,10 +281,12 @@ def test_truncation_cuts_the_prompt_from_the_left_first():
 
 
 # ----------------------------------------------------------------------------- TRL
-def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
+def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file, rpo_alpha):
     """Full fine-tuning, 8 pairs = one batch per step (so the order of rows plays no part), sigmoid,
     beta 0.1, AdamW lr 1e-3 constant, no warmup / weight decay, clip 1.0: TRL's defaults differ in
-    lr (1e-6), schedule (linear) and max_length (1024; no pair here reaches it)."""
+    lr (1e-6), schedule (linear) and max_length (1024; no pair here reaches it). pref.rpo_alpha
+    (the recipe's 1.0) is TRL's loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -285,8 +295,8 @@ def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file):
     path = tmp_path / "eight.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     steps = 3
-    ours = build_trainer(["recipe=dpo-llm", "peft=none", f"data.path={path}", "data.eval_split=null",
-                          "data.eval_size=0", "trainer.sample_prompts=0", "trainer.micro_batch_size=8",
+    ours = build_trainer(["recipe=dpo-llm", "peft=none", f"pref.rpo_alpha={rpo_alpha}", f"data.path={path}",
+                          "data.eval_split=null", "data.eval_size=0", "trainer.sample_prompts=0", "trainer.micro_batch_size=8",
                           f"trainer.max_steps={steps}", "trainer.log_steps=1", "trainer.eval_steps=0",
                           "trainer.save_steps=0", "optim.lr=1e-3", "optim.warmup_steps=0",
                           "optim.scheduler=constant", "optim.weight_decay=0.0", "optim.max_grad_norm=1.0"],
@@ -310,7 +320,8 @@ def test_per_step_loss_and_rewards_match_trl(tmp_path, pairs_file):
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=steps,
                      learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                     max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], logging_steps=1, report_to=[],
+                     max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid", "sft"] if rpo_alpha else ["sigmoid"],
+                     loss_weights=[1.0, rpo_alpha] if rpo_alpha else None, logging_steps=1, report_to=[],
                      save_strategy="no", use_cpu=True, seed=42, gradient_checkpointing=False,
                      dataloader_num_workers=0)
     trl = Recording(model=copy.deepcopy(start), ref_model=copy.deepcopy(start).eval(), args=args,

@@ -270,6 +270,9 @@ class PrefConfig:
     label_smoothing: float = 0.0  # sigmoid / robust / simpo: assumed share of flipped labels, [0, 0.5)
     gamma: float = 0.5  # SimPO's target margin (reward units; TRL's simpo_gamma = gamma / beta)
     orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term next to its SFT term (TRL's beta)
+    # DPO + the chosen answers' NLL per token of the step times this (TRL's rpo_alpha; the RPO paper): keeps
+    # the chosen answers likely while the margin grows (0: off; not with orpo, which has its own)
+    rpo_alpha: float = 0.0
     orpo_sft: str = "token"  # ORPO's SFT term: token (mean NLL per chosen token of the step, as TRL) | pair (per pair first)
     # Reference log-probs computed once before training and cached beside the data cache (keyed by
     # the data and the reference weights): a step then runs the policy only (TRL's precompute_ref_log_probs)

@@ -94,10 +94,11 @@ def _build(cfg: DictConfig, tokenizer, task) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def _rows(enc: Encoded | None, cfg: DictConfig) -> tuple[TokenRows | None, dict]:
+def _rows(enc: Encoded | None, cfg: DictConfig, task) -> tuple[TokenRows | None, dict]:
     if enc is None:
         return None, {}
-    if not cfg.data.packing:
+    # A task that packs each collated batch itself (DPO: a pair's sequences) keeps one row per example.
+    if not cfg.data.packing or task.packs_per_batch:
         return TokenRows(enc), {}
     bins = pack_examples(enc.lengths(), cfg.data.max_seq_len)
     real = int(enc.lengths().sum())
@@ -131,7 +132,7 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, task, key: str, t0: float) ->
         stats_eval = {**held.as_dict(), "held_out_from_train": True}
         start = mixture.position
     train = StreamingRows(cfg, tokenizer, task, srcs, fmts, start, names)
-    evals, pack_eval = _rows(eval_enc, cfg)
+    evals, pack_eval = _rows(eval_enc, cfg, task)
     stats = {"train": train.report(), "eval": stats_eval,
              "cache": {"hit": False, "seconds": time.perf_counter() - t0, "streaming": True}}
     if pack_eval:
@@ -170,8 +171,8 @@ def prepare_data(cfg: DictConfig, tokenizer, task=None, *, build: bool = True) -
         else:
             wait_for_entry(path, failed)
     arrays, meta = load_entry(path)
-    train, pack_train = _rows(arrays["train"], cfg)
-    evals, pack_eval = _rows(arrays["eval"], cfg)
+    train, pack_train = _rows(arrays["train"], cfg, task)
+    evals, pack_eval = _rows(arrays["eval"], cfg, task)
     stats = dict(meta["stats"])
     if pack_train:
         stats["packing"] = {"train": pack_train, "eval": pack_eval}

@@ -65,6 +65,8 @@ def write_summary(trainer, final_dir: Path) -> dict:
         "eval_loss": (trainer.final_eval or {}).get("eval_loss"),
         "eval_accuracy": (trainer.final_eval or {}).get("eval_accuracy"),
         "eval_reward": (trainer.final_eval or {}).get("eval_reward"),  # GRPO: greedy reward on held-out prompts
+        # DPO / reward model: held-out pairs whose chosen is rewarded (scored) above rejected
+        "eval_reward_accuracy": (trainer.final_eval or {}).get("eval_rewards/accuracy"),
         "best_eval_loss": state.best_eval,
         "best_step": state.best_step,
         "tokens_per_s": (sum(h["tokens_per_s"] for h in losses) / len(losses)) if losses else None,

@@ -21,7 +21,8 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 FRAMEWORKS = ("finetune", "torch", "transformers", "peft", "accelerate", "huggingface_hub")
 # summary.json keys (finetune.outputs.write_summary) shown in the results table, with labels.
 METRIC_LABELS = {"train_loss": "train loss", "last_loss": "final train loss", "first_loss": "first train loss",
-                 "eval_loss": "eval loss", "eval_accuracy": "eval accuracy", "best_eval_loss": "best eval loss",
+                 "eval_loss": "eval loss", "eval_accuracy": "eval accuracy",
+                 "eval_reward_accuracy": "held-out reward accuracy", "best_eval_loss": "best eval loss",
                  "best_step": "best step", "tokens_per_s": "tokens/s", "tokens_seen": "tokens seen",
                  "steps": "steps", "wall_time_s": "wall time (s)"}
 # Nested summary sections flattened into the table: data counts and parameter counts.

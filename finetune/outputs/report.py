@@ -77,7 +77,8 @@ def _fmt(value) -> str:
 
 
 def report_markdown(run_dir: Path, summary: dict, image: str | None, exact: dict | None = None) -> str:
-    figures = ["steps", "first_loss", "last_loss", "eval_loss", "eval_accuracy", "eval_reward", "best_eval_loss",
+    figures = ["steps", "first_loss", "last_loss", "eval_loss", "eval_accuracy", "eval_reward", "eval_reward_accuracy",
+               "best_eval_loss",
                "best_step", "tokens_per_s", "tokens_seen", "wall_time_s", "world_size", "device"]
     lines = [f"# Run report: {Path(run_dir).name}", "", f"Recipe: `{summary.get('recipe', '-')}`", "",
              "| figure | value |", "|---|---|"]

@@ -39,7 +39,11 @@ class Task:
     name = ""
     formats: tuple[str, ...] = ()  # the data.format values this task trains on
     packs = False  # whether data.packing=true is possible
+    # data.packing=true packs each micro-batch in the collator (DPO, classification: the same rows per
+    # step as unpacked, laid out without padding) instead of packing the data into rows of examples.
+    packs_per_batch = False
     needs_eos = False  # the tokenizer must have an EOS token (generation has to stop)
+    greedy_answers = False  # held-out prompts can be answered greedily (trainer.exact_match_prompts)
     peft_task_type = "CAUSAL_LM"  # peft.TaskType value for LoRA
 
     def __init__(self, cfg: DictConfig):
@@ -55,6 +59,10 @@ class Task:
         if cfg.data.packing and not self.packs:
             problems.append(f"data.packing=true is not available for model.task={cfg.model.task}; "
                             "set data.packing=false")
+        if cfg.trainer.exact_match_prompts and not self.greedy_answers:
+            problems.append(f"trainer.exact_match_prompts={cfg.trainer.exact_match_prompts} is not available for "
+                            f"model.task={cfg.model.task} (it has no reference answer to generate); "
+                            "set trainer.exact_match_prompts=0")
         return problems
 
     # --------------------------------------------------------------- model

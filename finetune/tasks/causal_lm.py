@@ -78,6 +78,7 @@ class CausalLMTask(Task):
     name = "causal-lm"
     formats = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
     packs = True
+    greedy_answers = True
     needs_eos = True
     peft_task_type = "CAUSAL_LM"
     chunked = True
@@ -119,22 +120,46 @@ class CausalLMTask(Task):
         return count_targets(batch)
 
     def before_train(self, trainer) -> None:
-        n = self.cfg.trainer.exact_match_prompts
-        if n and trainer.is_main and trainer.state.step == 0:  # a resumed run has no "before"
-            rows = greedy_rows(trainer, n, exact=True)
-            if rows:
-                exact_match.record(trainer.run_dir, "before", exact_match.score(rows))
+        exact_match_before(trainer)
 
     def on_eval(self, trainer) -> None:
-        t = self.cfg.trainer
-        if t.sample_prompts:
-            rows = greedy_rows(trainer, t.sample_prompts)
-            with (trainer.run_dir / "samples.jsonl").open("a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
-        if t.exact_match_prompts and trainer.state.step == trainer.total_steps:
-            rows = greedy_rows(trainer, t.exact_match_prompts, exact=True)
-            if rows:  # logged by the run's end line (finetune/train/run_log.py)
-                exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
+        write_samples(trainer)
+        exact_match_after(trainer)
+
+
+def write_samples(trainer) -> None:
+    """Greedy completions of the first ``trainer.sample_prompts`` eval prompts, appended to samples.jsonl."""
+    n = trainer.cfg.trainer.sample_prompts
+    if n:
+        rows = greedy_rows(trainer, n)
+        with (trainer.run_dir / "samples.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def exact_match_before(trainer) -> None:
+    """``trainer.exact_match_prompts``: the "before" figure, on the main process of a fresh run
+    (a resumed run has none)."""
+    n = trainer.cfg.trainer.exact_match_prompts
+    if n and trainer.is_main and trainer.state.step == 0:
+        rows = greedy_rows(trainer, n, exact=True)
+        if rows:
+            exact_match.record(trainer.run_dir, "before", exact_match.score(rows))
+
+
+def exact_match_after(trainer) -> None:
+    """The "after" figure at the eval of the last step (logged by finetune/train/run_log.py)."""
+    n = trainer.cfg.trainer.exact_match_prompts
+    if n and trainer.state.step == trainer.total_steps:
+        rows = greedy_rows(trainer, n, exact=True)
+        if rows:
+            exact_match.record(trainer.run_dir, "after", exact_match.score(rows))
+
+
+def prompt_and_reference(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """A sequence as (prompt ids: everything before its first target, reference ids: its target
+    tokens), for greedy samples and exact match."""
+    first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
+    return ids[:first_target], [t for t in labels if t != IGNORE]
 
 
 EXACT_SLACK = 8  # exact match: tokens generated beyond the reference's length (a longer answer is wrong)
@@ -151,12 +176,10 @@ def greedy_rows(trainer, n: int, exact: bool = False, batch_size: int = 32) -> l
         return []  # sharded weights: generation would need every rank
     model = trainer.acc.unwrap_model(trainer.model)
     tok = trainer.tokenizer
-    examples = []
-    for i in range(min(n, len(data))):
-        ids, labels = data.encoded.example(i) if data.bins is not None else (data[i]["input_ids"], data[i]["labels"])
-        ids, labels = list(map(int, ids)), list(map(int, labels))
-        first_target = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(ids))
-        examples.append((ids[:first_target], [t for t in labels if t != IGNORE]))
+    # A task whose rows hold something else (DPO: chosen + rejected) names the sequence to use.
+    example = getattr(trainer.task, "greedy_sequence", None) or (lambda enc, i: enc.example(i))
+    examples = [prompt_and_reference(*(list(map(int, a)) for a in example(data.encoded, i)))
+                for i in range(min(n, len(data)))]
     was_training = model.training
     model.eval()
     rows = []

@@ -38,13 +38,12 @@ import torch
 from finetune.data.formats import CHAT_FORMATS
 from finetune.data.tokenize import IGNORE
 from finetune.errors import ConfigError, DataError
-from finetune.outputs import exact_match
 from finetune.rl import objective
 from finetune.rl.feed import RolloutFeed
 from finetune.rl.rewards import RewardModel, build_rewards, score, total
 from finetune.rl.rollout import token_logps, token_rows, training_rows
 from finetune.rl.sampling import SamplingSettings, completion_lengths, generate, row_seed
-from finetune.tasks.causal_lm import CausalLMTask, greedy_rows, shifted_targets
+from finetune.tasks.causal_lm import CausalLMTask, exact_match_after, shifted_targets
 from finetune.tasks.preference import REFERENCE_ADAPTER, reference_of
 from finetune.train.feed import MapFeed
 
@@ -349,8 +348,4 @@ class GRPOTask(CausalLMTask):
         if rows:
             with (trainer.run_dir / "samples.jsonl").open("a") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
-        n = self.cfg.trainer.exact_match_prompts
-        if n and trainer.state.step == trainer.total_steps:
-            found = greedy_rows(trainer, n, exact=True)
-            if found:
-                exact_match.record(trainer.run_dir, "after", exact_match.score(found))
+        exact_match_after(trainer)

@@ -27,7 +27,14 @@ micro-batch per step on one process the two definitions are the same number.) At
 the estimate of each eval batch (as TRL).
 
 Reference: DPO's (the base with the LoRA adapter disabled, the frozen SFT adapter with
-``model.adapter_path``, a frozen copy with ``peft=none``).
+``model.adapter_path``, a frozen copy with ``peft=none``). ``pref.precompute_ref=true``: DPO's table
+(finetune/tasks/reference_logps.py) with the columns (example, KL sequence): both sequences are
+fixed per row by :meth:`KTOTask.encode` (stored in the row, so the data cache's key covers the
+pairing), hence one row's two reference values do not depend on the batch, the shuffle, the
+micro-batch split, the rank or a resume. Steps and eval look them up by ``row_ids``; the policy
+still runs over the KL sequences (``before_step``). The table's key is DPO's (the reference
+weights, adapter files, dtype, attention implementation, LM-head path) marked ``-kto`` for its
+columns; both columns are computed for either loss (``apo_zero_unpaired`` reads only the first).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from finetune.distributed import all_reduce_sum
 from finetune.errors import DataError
 from finetune.tasks import Task
 from finetune.tasks.preference import DPOTask, PairCollator, completion_logps, fit_pair
+from finetune.tasks.reference_logps import load_or_compute
 
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
@@ -108,6 +116,9 @@ class KTOTask(DPOTask):
 
     name = "kto"
     formats = ("kto",)
+    greedy_answers = False  # a completion may be the undesirable one: no reference answer
+    packs = False  # DPOTask packs pairs; KTO's example + KL sequences are not packed (yet)
+    packs_per_batch = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -116,6 +127,8 @@ class KTOTask(DPOTask):
     def check_config(self, cfg) -> list[str]:
         problems = Task.check_config(self, cfg)
         p = cfg.pref
+        if p.rpo_alpha:
+            problems.append("pref.rpo_alpha is for model.task=dpo, not kto; set pref.rpo_alpha=0")
         if p.loss not in KTO_LOSSES:
             problems.append(f"pref.loss={p.loss} is not valid for model.task=kto; choose one of: "
                             f"{', '.join(KTO_LOSSES)}")
@@ -126,14 +139,34 @@ class KTOTask(DPOTask):
                 problems.append(f"pref.{key}={p[key]} must be > 0")
         if cfg.data.streaming:
             problems.append("data.streaming=true is not available for model.task=kto; set data.streaming=false")
-        if p.precompute_ref:
-            problems.append("pref.precompute_ref=true is not available for model.task=kto yet (its KL "
-                            "sequences need the reference too); set pref.precompute_ref=false")
         return problems
 
     @property
     def needs_reference(self) -> bool:
         return True
+
+    def after_load(self, model, tokenizer) -> None:
+        super().after_load(model, tokenizer)  # DPO's: the reference's weights key, the frozen copy (peft=none)
+        if self.ref_key is not None:
+            self.ref_key += "-kto"  # columns (example, KL sequence), not DPO's (chosen, rejected)
+
+    def before_train(self, trainer) -> None:
+        if self.ref_key is None:
+            return
+        self.ref_table = load_or_compute(trainer, self.table_logps, self.ref_key)
+        self.ref_model = None  # full fine-tuning: the frozen copy is not needed any more
+
+    def table_logps(self, model, batch: dict) -> torch.Tensor:
+        """A batch's reference values for the table: its ``n`` examples, then their ``n`` KL sequences."""
+        return torch.cat([self.reference_logps(model, batch), self.reference_logps(model, kl_part(batch))])
+
+    def reference_of_batch(self, model, batch: dict, kl: bool, split: str) -> torch.Tensor:
+        """The reference's log-probs of a batch's examples (``kl=False``) or KL sequences: the table's
+        rows by ``row_ids`` (pref.precompute_ref) or a reference forward, no gradient."""
+        if self.ref_table is not None:
+            return self.ref_table[split][batch["row_ids"], int(kl)].to(batch["input_ids"].device)
+        with torch.no_grad():
+            return self.reference_logps(model, kl_part(batch) if kl else batch)
 
     # ---------------------------------------------------------------- data
     def encode(self, tokenizer, items: list, stats: Stats, label_names=None):
@@ -199,12 +232,11 @@ class KTOTask(DPOTask):
         return int(batch["num_examples"])
 
     # ---------------------------------------------------------------- loss
-    def kl_sums(self, model, batch: dict) -> torch.Tensor:
+    def kl_sums(self, model, batch: dict, split: str = "train") -> torch.Tensor:
         """[sum over the batch's KL sequences of log pi - log pi_ref, their count], no gradient."""
         with torch.no_grad():
-            part = kl_part(batch)
-            policy = completion_logps(model, part)[0]
-            reference = self.reference_logps(model, part)
+            policy = completion_logps(model, kl_part(batch), self.chunked)[0]
+            reference = self.reference_of_batch(model, batch, True, split)
         return torch.stack([(policy - reference).sum(), torch.tensor(float(len(policy)), device=policy.device)])
 
     def before_step(self, trainer, micro: list[dict]) -> None:
@@ -220,18 +252,17 @@ class KTOTask(DPOTask):
         kl_sum, count = all_reduce_sum(acc, [float(total[0]), float(total[1])])
         self._step_kl = [torch.tensor(max(kl_sum / max(count, 1.0), 0.0), device=acc.device), len(micro)]
 
-    def example_outputs(self, model, batch: dict, kl=None):
+    def example_outputs(self, model, batch: dict, kl=None, split: str = "train"):
         """(per-example losses, rewards, policy log-probs, z) of a batch; ``kl=None``: the batch's own z."""
         p = self.cfg.pref
         if kl is None:
             if p.loss == "kto":
-                kl_sum, count = self.kl_sums(model, batch)
+                kl_sum, count = self.kl_sums(model, batch, split)
                 kl = (kl_sum / count).clamp(min=0)
             else:
                 kl = torch.zeros((), device=batch["input_ids"].device)
-        logps = completion_logps(model, batch)[0]
-        with torch.no_grad():
-            ref = self.reference_logps(model, batch)
+        logps = completion_logps(model, batch, self.chunked)[0]
+        ref = self.reference_of_batch(model, batch, False, split)
         losses, rewards = kto_losses(p.loss, p.beta, logps - ref, batch["desirable"], kl, p.desirable_weight,
                                      p.undesirable_weight)
         return losses, rewards, logps.detach(), kl
@@ -269,7 +300,7 @@ class KTOTask(DPOTask):
 
     # ---------------------------------------------------------------- eval
     def eval_sums(self, model, batch: dict):
-        losses, rewards, logps, kl = self.example_outputs(model, batch)
+        losses, rewards, logps, kl = self.example_outputs(model, batch, split="eval")
         return losses.sum(), {k: float(v) for k, v in self._sums(rewards, logps, batch["desirable"], kl).items()}
 
     def eval_metrics(self, sums: dict, count: float) -> dict:

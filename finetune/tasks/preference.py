@@ -9,10 +9,16 @@ cache, the hold-out split, the shuffling and the feed keep a pair together with 
 Truncation (``data.max_seq_len`` per sequence) cuts the shared prompt from the left first; a
 completion that alone is too long keeps its start and its last token (the end-of-turn marker).
 
-Batches. :class:`PairCollator` splits each row back into its two sequences: a batch of ``n``
-pairs is ``2n`` right-padded sequences, chosen ``[0, n)`` then rejected ``[n, 2n)``, so chosen and
-rejected of a pair go through one forward. Log-probs are computed at completion positions only
-(``logits_to_keep`` as a boolean mask, as the SFT loss).
+Batches (finetune/tasks/preference_batches.py). :class:`PairCollator` splits each row back into its
+two sequences: a batch of ``n`` pairs is ``2n`` right-padded sequences, chosen ``[0, n)`` then
+rejected ``[n, 2n)``, so chosen and rejected of a pair go through one forward. With
+``data.packing=true`` (:class:`PackedPairCollator`) the same ``2n`` sequences are packed
+padding-free into rows of 2 x ``data.max_seq_len`` tokens, position ids restarting per sequence and
+no attention mask (SFT packing's per-example attention); the rows stay pairs, so a step trains the
+same pairs in the same micro-batches as unpacked and only the layout changes. Log-probs are computed
+at completion positions only (``logits_to_keep`` as a boolean mask, as the SFT loss) and summed per
+sequence (by row, or by the packed batch's ``sequence_ids``), in the same order for both layouts.
+The reward model does not pack (its score is read at each row's last token).
 
 Loss. ``loss_sum`` returns the SUM over pairs of the per-pair loss and ``count_targets`` the number
 of pairs: the loop divides by the pairs of the whole step (all micro-batches, all ranks), so
@@ -43,67 +49,22 @@ from finetune.data.tokenize import IGNORE, Encoded, Stats
 from finetune.errors import DataError
 from finetune.model.linear_cross_entropy import head_passes_hidden_states, linear_token_logprobs, plain_lm_head
 from finetune.tasks import Task
+from finetune.tasks.causal_lm import exact_match_after, exact_match_before, shifted_targets, write_samples
+from finetune.tasks.preference_batches import (ROW_CAPACITY_FACTOR, PackedPairCollator, PairCollator,  # noqa: F401
+                                                fit_pair, packing_stats)  # (PairCollator: kto.py imports it from here)
+from finetune.tasks.preference_losses import LOSSES, REFERENCE_FREE, preference_losses  # noqa: F401 (re-exported)
 from finetune.tasks.reference_logps import load_or_compute, weights_key
-from finetune.tasks.causal_lm import shifted_targets
 
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
 REFERENCE_ADAPTER = "reference"
-
-
-# ------------------------------------------------------------------------------------- maths
-def preference_losses(loss: str, beta: float, policy_chosen, policy_rejected, ref_chosen=None,
-                      ref_rejected=None, len_chosen=None, len_rejected=None, *,
-                      label_smoothing: float = 0.0, gamma: float = 0.5, orpo_lambda: float = 0.1,
-                      sft_scale: float | None = None):
-    """Per-pair losses and rewards from summed completion log-probs (``len_*``: completion tokens).
-
-    Returns ``(losses, chosen_rewards, rejected_rewards)``, one value per pair. With ``d`` the
-    difference of log-ratios ``(pc - rc) - (pr - rr)``:
-
-    - sigmoid: ``-(1-ls) logsig(beta d) - ls logsig(-beta d)`` (ls > 0: conservative DPO)
-    - robust: ``(-(1-ls) logsig(beta d) + ls logsig(-beta d)) / (1 - 2 ls)``
-    - hinge: ``relu(1 - beta d)``
-    - ipo: ``(d_avg - 1/(2 beta))^2`` with the log-ratios averaged over each completion's tokens
-    - simpo (no reference): ``-logsig(beta (pc/|c| - pr/|r|) - gamma)`` (with label smoothing as sigmoid)
-    - orpo (no reference): ``NLL(chosen)/|c| - lambda logsig(log odds(c) - log odds(r))``, the
-      odds of the length-normalised log-probs; rewards ``beta * avg log-prob``. With ``sft_scale``
-      (``pref.orpo_sft=token``) the SFT term is ``NLL(chosen) * sft_scale`` instead, where
-      ``sft_scale = pairs / chosen tokens`` of the whole step: summed over the step's pairs and
-      divided by its pairs, it is the mean NLL per chosen token (TRL's ORPO), not per pair.
-    """
-    ls = label_smoothing
-    if loss in ("simpo", "orpo"):
-        avg_c, avg_r = policy_chosen / len_chosen, policy_rejected / len_rejected
-        if loss == "simpo":
-            logits = beta * (avg_c - avg_r) - gamma
-            losses = -(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
-        else:
-            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-            sft = -avg_c if sft_scale is None else -policy_chosen * sft_scale
-            losses = sft - orpo_lambda * F.logsigmoid(log_odds)
-        return losses, beta * avg_c.detach(), beta * avg_r.detach()
-    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    d = chosen_ratio - rejected_ratio
-    if loss == "sigmoid":
-        losses = -(1 - ls) * F.logsigmoid(beta * d) - ls * F.logsigmoid(-beta * d)
-    elif loss == "robust":
-        losses = (-(1 - ls) * F.logsigmoid(beta * d) + ls * F.logsigmoid(-beta * d)) / (1 - 2 * ls)
-    elif loss == "hinge":
-        losses = torch.relu(1 - beta * d)
-    elif loss == "ipo":
-        d_avg = chosen_ratio / len_chosen - rejected_ratio / len_rejected
-        losses = (d_avg - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown preference loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def completion_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each sequence's completion tokens, their count), float32, per sequence.
 
     Only completion positions reach the LM head (``logits_to_keep`` as a boolean mask); where the
-    head allows it (finetune/model/linear_cross_entropy.py) it runs in chunks that keep no logits."""
+    head allows it (finetune/model/linear_cross_entropy.py) it runs in chunks that keep no logits.
+    A packed batch (:class:`PackedPairCollator`) sums by its ``sequence_ids``, a padded one by row:
+    either way one value per sequence, chosen ``[0, n)`` then rejected ``[n, 2n)``."""
     targets = shifted_targets(batch["labels"])
     keep = targets != IGNORE
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -117,9 +78,12 @@ def completion_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Te
         if logits.dim() == 3:  # a model that ignores a mask-valued logits_to_keep
             logits = logits[keep]
         token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(keep.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add(0, rows, token_logps), keep.sum(1).to(token_logps.dtype)
+    if "sequence_ids" in batch:  # packed: the sequence each kept token belongs to
+        owner, count = batch["sequence_ids"][keep], batch["num_sequences"]
+    else:
+        owner, count = keep.nonzero()[:, 0], keep.shape[0]
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, owner, token_logps), sums.index_add(0, owner, torch.ones_like(token_logps))
 
 
 def _unwrap(model):
@@ -147,49 +111,6 @@ def reference_of(model):
             yield peft_model
 
 
-# ------------------------------------------------------------------------------------- rows
-def fit_pair(chosen: tuple[list, list], rejected: tuple[list, list], max_len: int):
-    """Cut both sequences of a pair to ``max_len``: the shared prompt from the left first (keeping
-    one token to predict from), then a completion keeps its start and its last token."""
-    def split(seq):
-        ids, labels = seq
-        first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
-        return first, ids, labels
-
-    (fc, ic, lc), (fr, ir, lr) = split(chosen), split(rejected)
-    longest = max(len(ic) - fc, len(ir) - fr)
-    cut = max(0, min(fc, fr) - max(1, max_len - longest))  # prompt tokens dropped from the left
-    out = []
-    for ids, labels in ((ic[cut:], lc[cut:]), (ir[cut:], lr[cut:])):
-        if len(ids) > max_len:
-            ids, labels = ids[:max_len - 1] + ids[-1:], labels[:max_len - 1] + labels[-1:]
-        labels = [IGNORE] + labels[1:]
-        out.append((ids, labels))
-    return out
-
-
-class PairCollator:
-    """Pair rows -> ``2n`` right-padded sequences (chosen ``[0, n)``, rejected ``[n, 2n)``)."""
-
-    def __init__(self, pad_id: int, pad_to: int | None = None):
-        self.pad_id, self.pad_to = pad_id, pad_to
-
-    def __call__(self, rows: list[dict]) -> dict:
-        seqs = [(r["input_ids"][:r["class_label"]], r["labels"][:r["class_label"]]) for r in rows]
-        seqs += [(r["input_ids"][r["class_label"]:], r["labels"][r["class_label"]:]) for r in rows]
-        width = self.pad_to or max(len(s[0]) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s_ids, s_labels) in enumerate(seqs):
-            k = len(s_ids)
-            ids[i, :k] = torch.as_tensor(s_ids, dtype=torch.long)
-            labels[i, :k] = torch.as_tensor(s_labels, dtype=torch.long)
-            mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_pairs": len(rows),
-                "num_tokens": int(mask.sum())}
-
-
 # ------------------------------------------------------------------------------------- task
 class DPOTask(Task):
     """DPO and its relatives on (prompt, chosen, rejected) pairs; ``pref.*`` picks the loss.
@@ -203,7 +124,9 @@ class DPOTask(Task):
 
     name = "dpo"
     formats = ("preference",)
-    packs = False
+    packs = True  # data.packing=true: each micro-batch's sequences packed (preference_batches.py)
+    greedy_answers = True  # trainer.exact_match_prompts: the held-out prompts answered, against chosen
+    packs_per_batch = True  # ... by the collator: the data keeps one row per pair (finetune/data/__init__.py)
     needs_eos = True
     peft_task_type = "CAUSAL_LM"
 
@@ -229,6 +152,13 @@ class DPOTask(Task):
             problems.append(f"pref.beta={p.beta} must be > 0")
         if not 0 <= p.label_smoothing < 0.5:
             problems.append(f"pref.label_smoothing={p.label_smoothing} must lie in [0, 0.5)")
+        if p.rpo_alpha < 0:
+            problems.append(f"pref.rpo_alpha={p.rpo_alpha} must be >= 0 (0: off)")
+        if p.rpo_alpha and self.name != "dpo":
+            problems.append(f"pref.rpo_alpha is for model.task=dpo, not {self.name}; set pref.rpo_alpha=0")
+        elif p.rpo_alpha and p.loss == "orpo":
+            problems.append("pref.rpo_alpha adds an SFT term and pref.loss=orpo has its own; "
+                            "set pref.rpo_alpha=0 (orpo's weight is pref.orpo_lambda)")
         if p.orpo_sft not in ("token", "pair"):
             problems.append(f"pref.orpo_sft={p.orpo_sft} must be token or pair")
         if cfg.data.streaming:
@@ -261,10 +191,23 @@ class DPOTask(Task):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def before_train(self, trainer) -> None:
-        if self.ref_key is None:
-            return
-        self.ref_table = load_or_compute(trainer, self.reference_logps, self.ref_key)
-        self.ref_model = None  # full fine-tuning: the frozen copy is not needed any more
+        if self.ref_key is not None:
+            self.ref_table = load_or_compute(trainer, self.reference_logps, self.ref_key)
+            self.ref_model = None  # full fine-tuning: the frozen copy is not needed any more
+        if self.greedy_answers:
+            exact_match_before(trainer)
+
+    def on_eval(self, trainer) -> None:
+        if self.greedy_answers:  # samples.jsonl: the prompts answered greedily, with the chosen text as reference
+            write_samples(trainer)
+            exact_match_after(trainer)
+
+    @staticmethod
+    def greedy_sequence(encoded, i: int):
+        """Exact match: a pair's chosen sequence (its prompt answered, compared with the chosen text)."""
+        ids, labels = encoded.example(i)
+        split = int(encoded.class_labels[i])
+        return ids[:split], labels[:split]
 
     # ---------------------------------------------------------------- data
     def encode(self, tokenizer, items: list, stats: Stats, label_names=None):
@@ -314,17 +257,38 @@ class DPOTask(Task):
         return list(item)  # (chosen conversation, rejected conversation)
 
     def collator(self, tokenizer, pad_to: int | None = None):
+        if self.cfg.data.packing:
+            return PackedPairCollator(tokenizer.pad_token_id, self.row_capacity, fixed_width=pad_to is not None)
         return PairCollator(tokenizer.pad_token_id, pad_to)
+
+    @property
+    def row_capacity(self) -> int:
+        return ROW_CAPACITY_FACTOR * self.cfg.data.max_seq_len
+
+    def make_feed(self, trainer, feed):
+        if self.cfg.data.packing:  # the packing figures of data_stats.json: this run's micro-batches, epoch 0
+            trainer.data.stats["packing"] = packing_stats(trainer, feed.plan, self.row_capacity)
+        return feed
+
+    def plan_rows(self, cfg, plan) -> list[tuple[str, str]]:
+        if not cfg.data.packing:
+            return []
+        return [("packing", f"each micro-batch's 2 x {cfg.trainer.micro_batch_size} sequences packed padding-free "
+                            f"into rows of {self.row_capacity} tokens (2 x data.max_seq_len); a train row is still one pair")]
 
     # ---------------------------------------------------------------- loss
     @property
     def token_sft(self) -> bool:
-        return self.cfg.pref.loss == "orpo" and self.cfg.pref.orpo_sft == "token"
+        """An NLL term per chosen token of the step: ORPO's (pref.orpo_sft=token) or pref.rpo_alpha's."""
+        p = self.cfg.pref
+        return (p.loss == "orpo" and p.orpo_sft == "token") or (p.loss != "orpo" and p.rpo_alpha > 0)
 
     @staticmethod
     def chosen_tokens(batch: dict) -> int:
-        n = batch["input_ids"].shape[0] // 2
-        return int((shifted_targets(batch["labels"][:n]) != IGNORE).sum())
+        keep = shifted_targets(batch["labels"]) != IGNORE
+        if "sequence_ids" in batch:  # packed: chosen are the sequences [0, n)
+            return int((batch["sequence_ids"][keep] < batch["num_pairs"]).sum())
+        return int(keep[:batch["num_pairs"]].sum())
 
     def before_step(self, trainer, micro: list[dict]) -> None:
         if self.token_sft:  # the step's pairs / chosen tokens, all micro-batches and ranks
@@ -342,7 +306,7 @@ class DPOTask(Task):
             sft_scale = (self._sft_scale if split == "train" and self._sft_scale is not None
                          else batch["num_pairs"] / max(self.chosen_tokens(batch), 1))
         logps, lengths = completion_logps(model, batch, self.chunked)
-        n = batch["input_ids"].shape[0] // 2
+        n = batch["num_pairs"]
         ref = (None, None)
         if self.ref_table is not None:  # precomputed: rows of the cache, by the batch's row ids
             values = self.ref_table[split][batch["row_ids"]].to(logps.device)
@@ -353,7 +317,8 @@ class DPOTask(Task):
             ref = (ref_logps[:n], ref_logps[n:])
         losses, rc, rr = preference_losses(p.loss, p.beta, logps[:n], logps[n:], *ref, lengths[:n], lengths[n:],
                                            label_smoothing=p.label_smoothing, gamma=p.gamma,
-                                           orpo_lambda=p.orpo_lambda, sft_scale=sft_scale)
+                                           orpo_lambda=p.orpo_lambda, sft_scale=sft_scale,
+                                           rpo_alpha=p.rpo_alpha if p.loss != "orpo" else 0.0)
         return losses, rc, rr, logps.detach()
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
@@ -410,6 +375,8 @@ class RewardTask(DPOTask):
     (pairs) as DPO; no reference. ``rewards/accuracy``: chosen scored above rejected."""
 
     name = "reward"
+    greedy_answers = False  # a scorer: nothing to generate
+    packs = False  # the score is read at each row's last token: packed rows would need it per sequence
     peft_task_type = "SEQ_CLS"
     needs_eos = False
 

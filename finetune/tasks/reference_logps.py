@@ -2,8 +2,9 @@
 
 The reference model never changes during a run, so its summed completion log-probs of every
 training and eval row can be computed before the first step; a step then runs the policy only.
-The table (float32, one ``(chosen, rejected)`` pair of values per row, rows in the cache's order)
-is a safetensors file in the data cache directory, named by a key of
+The table (float32, two values per row, rows in the cache's order: DPO's ``(chosen, rejected)``,
+KTO's ``(example, KL sequence)``, finetune/tasks/kto.py) is a safetensors file in the data cache
+directory, named by a key of
 
 - the data: the cache directory itself is keyed by the data, template and tokenisation;
 - the reference weights: a hash of every parameter of the reference as loaded (the base for LoRA,
@@ -53,7 +54,8 @@ def table_path(cache_dir: Path, key: str) -> Path:
 def load_or_compute(trainer, reference_logps, key: str) -> dict[str, torch.Tensor]:
     """``{"train": (rows, 2), "eval": (rows, 2)}`` from the cache file, or computed and written.
 
-    ``reference_logps(model, batch) -> (2n,)`` gives a collated batch's chosen then rejected values.
+    ``reference_logps(model, batch) -> (2n,)`` gives a collated batch's first-column values (DPO:
+    chosen; KTO: the examples) then its second-column ones (rejected; the KL sequences).
     """
     from safetensors.torch import load_file, save_file
 

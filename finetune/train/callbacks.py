@@ -90,6 +90,9 @@ class Metrics(Callback):
         self.tokens += result.tokens
         self.rows += result.rows
         self.grad_norm = result.grad_norm
+        # The row's lr is the one its (last) step trained with, as transformers' Trainer logs it;
+        # the scheduler already holds the next step's.
+        self.lr = result.lr if result.lr is not None else trainer.scheduler.get_last_lr()[0]
         step = trainer.state.step
         if step % trainer.cfg.trainer.log_steps == 0 or step == trainer.total_steps:
             self._log_train(trainer)
@@ -102,7 +105,7 @@ class Metrics(Callback):
         losses = acc.reduce(losses, reduction="sum") if acc.num_processes > 1 else losses
         elapsed = time.perf_counter() - self.start
         row = {"step": step, "epoch": round(step / trainer.feed.steps_per_epoch, 4),
-               "loss": float(losses.mean()), "lr": trainer.scheduler.get_last_lr()[0],
+               "loss": float(losses.mean()), "lr": self.lr,
                "tokens_per_s": self.tokens / elapsed, "samples_per_s": self.rows / elapsed,
                "step_time_s": elapsed / len(self.losses), "tokens_seen": trainer.state.tokens_seen}
         sums = trainer.task.train_metric_sums()  # the task's own train metrics (DPO's rewards)

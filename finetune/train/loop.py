@@ -49,6 +49,7 @@ class StepResult:
     tokens: float  # non-padding tokens of the step, all ranks
     rows: float
     grad_norm: torch.Tensor | float | None
+    lr: float | None = None  # the learning rate the step trained with (the schedule steps after it)
 
 
 class Trainer:
@@ -108,7 +109,7 @@ class Trainer:
             self.feed: Feed = StreamFeed(self.data.train, self.collate, t.max_steps, acc.num_processes,
                                          acc.process_index, t.micro_batch_size, t.grad_accum)
         else:
-            unpacked = not cfg.data.packing
+            unpacked = not cfg.data.packing or self.task.packs_per_batch  # rows of one example each
             lengths = self.data.train.row_lengths() if unpacked and (t.group_by_length or t.length_split > 1) else None
             plan = BatchPlan(len(self.data.train), t.micro_batch_size, t.grad_accum, acc.num_processes,
                              cfg.seed, lengths if t.group_by_length else None, t.length_group_steps,
@@ -179,15 +180,17 @@ class Trainer:
                 micro = next(steps)
                 targets, tokens, rows, stop = all_reduce_sum(self.acc, [
                     sum(self.task.count_targets(b) for b in micro), sum(b["num_tokens"] for b in micro),
-                    sum(len(b["input_ids"]) for b in micro), float(preempt.requested is not None)])
+                    # rows: what a padded batch would hold (a collator that packs the micro-batch says)
+                    sum(b.get("num_rows", len(b["input_ids"])) for b in micro), float(preempt.requested is not None)])
                 if stop:  # a checkpoint only when this run trained a step (else: nothing new)
                     if self.state.step > start_step:
                         self.save_checkpoint(reason="preempted")
                     return EXIT_PREEMPTED
+                lr = self.scheduler.get_last_lr()[0]  # read before optimizer_step advances the schedule
                 loss, grad_norm = self.optimizer_step(micro, targets)
                 self.state.step += 1
                 self.state.tokens_seen += int(tokens)
-                self.emit("on_step_end", StepResult(loss, tokens, rows, grad_norm))
+                self.emit("on_step_end", StepResult(loss, tokens, rows, grad_norm, lr))
             self.emit("on_train_end")
         finally:
             preempt.uninstall()

@@ -32,7 +32,9 @@ def describe_end(trainer) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     log.info("done: %d steps in %.1fs | loss %s -> %s | eval_loss %s%s | %.0f tokens/s",
              s["steps"], s["wall_time_s"], fmt(s["first_loss"]), fmt(s["last_loss"]), fmt(s["eval_loss"]),
-             f" | eval_accuracy {s['eval_accuracy']:.3f}" if s.get("eval_accuracy") is not None else "",
+             f" | eval_accuracy {s['eval_accuracy']:.3f}" if s.get("eval_accuracy") is not None else
+             f" | held-out reward accuracy {s['eval_reward_accuracy']:.3f}" if s.get("eval_reward_accuracy") is not None
+             else "",
              s["tokens_per_s"] or 0)
     log.info("adapter written to %s" if trainer.cfg.peft.method == "lora" else "model written to %s",
              s["final_dir"])

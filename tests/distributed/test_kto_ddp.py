@@ -4,7 +4,8 @@
 step). The KL estimate z is a statistic of the whole optimizer step (finetune/tasks/kto.py: the
 policy and reference log-ratios of the KL sequences of all micro-batches, summed over the ranks,
 before the step's backward passes), so it is the same number in both runs; a per-micro-batch z
-(TRL's) would not be.
+(TRL's) would not be. A third run, 2 processes with ``pref.precompute_ref=true`` (the table's rows
+split over the ranks, rank 0 writes it), equals the 1-process run with the live reference.
 """
 
 from __future__ import annotations
@@ -26,16 +27,21 @@ def rows(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_kto_two_processes_match_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, pre = tmp_path / "one", tmp_path / "two", tmp_path / "pre"
     run([*KTO, *ONE_PROC, f"output_dir={one}"])
     run([*KTO, *two_procs("ddp"), f"output_dir={two}"])
-    a, b = rows(one), rows(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in a:
-        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
-            assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
+    run([*KTO, *two_procs("ddp"), "pref.precompute_ref=true", f"data.cache_dir={tmp_path / 'cache'}",
+         f"output_dir={pre}"])
+    assert len(list((tmp_path / "cache").rglob("reference-logps-*-kto.safetensors"))) == 1
+    a = rows(one)
     assert any(a[step]["kl"] > 1e-3 for step in a)  # the estimate is not clamped to 0 throughout
     assert abs(a[4]["loss"] - a[1]["loss"]) > 1e-3  # it trained
-    assert max_diff(adapter(one), adapter(two)) < 1e-4
+    for other in (two, pre):
+        b = rows(other)
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+        for step in a:
+            for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+                assert abs(a[step][key] - b[step][key]) < 1e-5, (other.name, step, key, a[step][key], b[step][key])
+        assert max_diff(adapter(one), adapter(other)) < 1e-4, other.name

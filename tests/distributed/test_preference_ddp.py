@@ -8,14 +8,27 @@ disabled) runs on the unwrapped model, outside DDP's gradient hooks.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
+from finetune.data.sample.make_sample import instruction_rows, preference_rows
+
 from distributed_runs import ONE_PROC, adapter, max_diff, run, two_procs
 
-DPO = ["recipe=dpo-llm", "trainer.log_steps=1", "trainer.sample_prompts=0", "trainer.eval_steps=0",
+DPO = ["recipe=dpo-llm", "pref.rpo_alpha=0", "trainer.exact_match_prompts=0", "trainer.log_steps=1", "trainer.sample_prompts=0", "trainer.eval_steps=0",
        "trainer.progress=false", "trainer.precision=fp32", "trainer.grad_accum=2", "trainer.max_steps=3",
        "optim.lr=5e-3"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """The pairs this test was written on (the shipped preference set before it moved to the first-run
+    tasks): the 1,000 train pairs of the earlier string tasks, made exactly as make_sample made them."""
+    train = instruction_rows(random.Random(1234), 2000)
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(train[:1000], random.Random(5678))))
+    return path
 
 
 def rows(run_dir):
@@ -26,11 +39,12 @@ def rows(run_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("loss", ["sigmoid", "orpo"])
-def test_dpo_two_processes_match_one_process(tmp_path, loss):
+def test_dpo_two_processes_match_one_process(tmp_path, pairs_file, loss):
     """orpo: its SFT term per chosen token of the whole step (the token count summed over ranks)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run([*DPO, f"pref.loss={loss}", *ONE_PROC, f"output_dir={one}"])
-    run([*DPO, f"pref.loss={loss}", *two_procs("ddp"), f"output_dir={two}"])
+    data = [f"data.path={pairs_file}", "data.eval_split=null", "data.eval_size=0"]
+    run([*DPO, *data, f"pref.loss={loss}", *ONE_PROC, f"output_dir={one}"])
+    run([*DPO, *data, f"pref.loss={loss}", *two_procs("ddp"), f"output_dir={two}"])
     a, b = rows(one), rows(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

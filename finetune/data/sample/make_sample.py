@@ -3,8 +3,8 @@
 - ``instructions-{train,eval}.jsonl`` (alpaca format): short string tasks on made-up words whose
   answer follows from the word by a fixed rule (:data:`FIRST_RUN_TASKS`), so a tiny character-level
   model visibly learns them in minutes; no held-out word occurs in train.
-- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): rows of the earlier tasks
-  (:data:`TASKS` on real words, :func:`instruction_rows`) as pairs,
+- ``preference-{train,eval}.jsonl`` (prompt / chosen / rejected): the instruction rows'
+  (:data:`FIRST_RUN_TASKS`; the held-out pairs are the held-out instruction prompts) as pairs,
   chosen = the right answer, rejected = a plausible wrong one (:func:`wrong_answer`), for DPO.
 - ``kto-{train,eval}.jsonl`` (prompt / completion / boolean label): the instruction rows unpaired for
   KTO, each with either its right answer (label true) or a plausible wrong one (label false).
@@ -37,7 +37,7 @@ FIRST_RUN_TASKS = {
     "Give the first and last letter.": lambda w: f"{w[0]}{w[-1]}",
 }
 
-# The earlier, harder tasks: the preference and KTO files are still made from them (unchanged).
+# The earlier, harder tasks: the KTO files are still made from them (unchanged).
 TASKS = {
     "Reverse the word.": lambda w: w[::-1],
     "Write the word in uppercase.": lambda w: w.upper(),
@@ -116,6 +116,8 @@ def wrong_answer(row: dict, rng: random.Random) -> str:
                                                          "".join(sorted(word))[1:]],
         "Repeat the word twice.": [word, f"{word} {word} {word}", f"{word}{word}"],
         "Give the first and last letter.": [f"{word[-1]}{word[0]}", word[:2], word[0]],
+        "Give the first letter.": [word[-1], word[:2], word[1]],
+        "Give the last letter.": [word[0], word[-2:], word[-2]],
     }[row["instruction"]]
     return rng.choice([c for c in candidates if c != right] or [right + right[-1]])
 
@@ -143,15 +145,17 @@ def main(here: Path = Path(__file__).parent) -> None:
     train, held_out = instruction_rows(rng, 2000), instruction_rows(rng, 100)
     write_jsonl(here / "reviews-train.jsonl", review_rows(rng, 1200))
     write_jsonl(here / "reviews-eval.jsonl", review_rows(rng, 150))
-    pref_rng = random.Random(5678)  # its own stream: the files above stay as they were
-    write_jsonl(here / "preference-train.jsonl", preference_rows(train[:1000], pref_rng))
-    write_jsonl(here / "preference-eval.jsonl", preference_rows(held_out, pref_rng))
-    kto_rng = random.Random(9012)  # its own stream too
+    kto_rng = random.Random(9012)  # its own stream: the files above stay as they were
     write_jsonl(here / "kto-train.jsonl", kto_rows(train[:1000], kto_rng))
     write_jsonl(here / "kto-eval.jsonl", kto_rows(held_out, kto_rng))
     first_train, first_eval = first_run_rows(random.Random(3456), 2000, 100)
     write_jsonl(here / "instructions-train.jsonl", first_train)
     write_jsonl(here / "instructions-eval.jsonl", first_eval)
+    # The preference pairs are the SFT tasks' own rows (the held-out pairs are the SFT held-out
+    # prompts), so DPO from the SFT recipe's adapter is measured on the prompts SFT was.
+    pref_rng = random.Random(5678)
+    write_jsonl(here / "preference-train.jsonl", preference_rows(first_train[:1000], pref_rng))
+    write_jsonl(here / "preference-eval.jsonl", preference_rows(first_eval, pref_rng))
 
 
 if __name__ == "__main__":
