@@ -16,7 +16,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The datasets library's cache, new for the session and set before datasets is imported: a stale
 # cache of an earlier session's local "Hub" repo would serve its old rows.
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="finetune-tests-hf-datasets-"))
+# Under pytest-xdist each worker gets its own (the workers inherit the controller's environment):
+# two workers' dataset repos of the same name and layout, written in the same second, hash alike.
+if os.environ.get("PYTEST_XDIST_WORKER") or "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="finetune-tests-hf-datasets-")
 
 
 def pytest_collection_modifyitems(config, items):

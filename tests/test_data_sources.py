@@ -20,7 +20,12 @@ from finetune.data import prepare_data, sources
 def offline_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # for the CLI runs
+    # and in this process (datasets read the variable once, at import): another test's dataset repo
+    # of the same name and layout, written in the same second, would otherwise be served from the cache
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
 def _texts(tok, data) -> list[str]:
