@@ -359,7 +359,11 @@ class CheckpointWriter:
         found = list_checkpoints(self.root)
         for old in found[: max(0, len(found) - keep_last)]:
             if old.name not in keep:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first (atomic): a kill -9 inside rmtree must not leave a partial step-* dir
+                # that looks like a checkpoint; the .tmp-* sweep below removes what a kill leaves.
+                doomed = old.with_name(f".tmp-pruned-{old.name}")
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         for stale in self.root.glob(".tmp-*"):  # left by a killed save; never published
             if stale.is_dir() and stale.stat().st_mtime < _newest_mtime(found):
                 shutil.rmtree(stale, ignore_errors=True)
