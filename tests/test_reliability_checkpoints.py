@@ -105,6 +105,27 @@ def test_every_checkpoint_damaged_starts_fresh_with_a_warning(tmp_path, caplog):
     assert "none of the 2 checkpoints" in caplog.text and "starting from step 0" in caplog.text
 
 
+def test_prune_keeps_the_newest_and_sweeps_a_killed_save_left_behind(tmp_path):
+    """A killed save's .tmp-step-* (older than the newest checkpoint) is swept by the next prune,
+    the stale checkpoints go, and nothing half-deleted keeps a step-* name."""
+    import os
+
+    for step in (1, 2):
+        _save(tmp_path, step)
+    root = tmp_path / "checkpoints"
+    killed = root / ".tmp-step-00000003"
+    killed.mkdir()
+    (killed / "trainable.safetensors").write_bytes(b"partial")
+    os.utime(killed, (1, 1))  # older than every published checkpoint
+    _save(tmp_path, 4)
+    ckpt.CheckpointWriter(tmp_path).prune(keep_last=2, keep=set())
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    ckpt.CheckpointWriter(tmp_path).prune(keep_last=1, keep={"step-00000002"})
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    ckpt.CheckpointWriter(tmp_path).prune(keep_last=1, keep=set())
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+
+
 def test_checkpoint_from_before_manifests_is_checked_structurally(tmp_path):
     """A checkpoint written before this change (no manifest, none claimed) still resumes; a
     truncated safetensors file in it is still found from its own header."""

@@ -357,6 +357,7 @@ class CheckpointWriter:
     def prune(self, keep_last: int, keep: set[str]) -> None:
         """Delete all but the newest ``keep_last`` checkpoints (and those named in ``keep``)."""
         found = list_checkpoints(self.root)
+        newest = _newest_mtime(found)  # before any rename: a pruned path no longer exists
         for old in found[: max(0, len(found) - keep_last)]:
             if old.name not in keep:
                 # Renamed first (atomic): a kill -9 inside rmtree must not leave a partial step-* dir
@@ -365,7 +366,7 @@ class CheckpointWriter:
                 old.rename(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         for stale in self.root.glob(".tmp-*"):  # left by a killed save; never published
-            if stale.is_dir() and stale.stat().st_mtime < _newest_mtime(found):
+            if stale.is_dir() and stale.stat().st_mtime < newest:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
