@@ -20,6 +20,7 @@ sum of each batch); RSS = the child's peak resident set (ru_maxrss).
     python bench/vs_trl_dpo.py --shape tiny --steps 12          # a minute
     python bench/vs_trl_dpo.py                                  # SmolLM2-135M shape, both reference modes
     python bench/vs_trl_dpo.py --packed --modes live            # finetune's packed pairs vs TRL
+    python bench/vs_trl_dpo.py --pairs 48 --steps 8             # both modes on the first 48 pairs
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def child_ours(args, work: Path) -> dict:
            f"trainer.micro_batch_size={args.mb}", f"trainer.log_steps={args.warmup}", "trainer.eval_steps=0",
            "trainer.save_steps=0", "trainer.progress=false", "logger.plots=false", "optim.lr=1e-4",
            "optim.scheduler=constant", "optim.warmup_steps=0", "optim.warmup_ratio=0.0",
-           f"pref.precompute_ref={'true' if args.precompute else 'false'}", "seed=42", f"output_dir={out}"]
+           f"pref.precompute_ref={'true' if args.precompute else 'false'}", "pref.rpo_alpha=0",  # TRL's sigmoid alone
+           "trainer.exact_match_prompts=0", "trainer.sample_prompts=0", "seed=42", f"output_dir={out}"]
     cmd += ["peft=none"] if args.peft == "none" else ["peft.r=16", "peft.alpha=32", "peft.dropout=0.0"]
     cmd += ["data.packing=true"] if args.packed else []
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -119,6 +121,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--modes", default="live,precompute", help="reference modes: live, precompute (comma list)")
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="use the first N pairs of --data (0: all; the precompute pass covers every pair)")
     ap.add_argument("--child", choices=["ours", "trl"])
     ap.add_argument("--precompute", action="store_true")
     ap.add_argument("--packed", action="store_true", help="finetune with data.packing=true (TRL unchanged)")
@@ -133,6 +137,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(args.shape, Path(tmp) / "model")
+        if args.pairs:  # both sides read the same subset
+            subset = Path(tmp) / f"first-{args.pairs}.json"
+            subset.write_text(json.dumps(json.loads(Path(args.data).read_text())[:args.pairs]))
+            args.data = str(subset)
         for mode in args.modes.split(","):
             results: dict = {"ours": [], "trl": []}
             for rep in range(args.repeats):

@@ -48,6 +48,15 @@ def test_dry_run_prints_the_plan_without_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_of_pairs_counts_both_sequences_of_a_row(tmp_path):
+    proc = run_cli(["recipe=dpo-llm", "dry_run=true", "trainer.micro_batch_size=8", "trainer.grad_accum=2",
+                    "data.max_seq_len=256", f"output_dir={tmp_path / 'run'}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if "global batch" in x]
+    assert "16 rows = 1 x 8 x 2" in line and f"up to {16 * 2 * 256:,} tokens" in line, line
+    assert "2 sequences of up to data.max_seq_len per row" in line, line
+
+
 def test_missing_data_file_is_one_line(tmp_path):
     proc = run_cli(["recipe=lora-llm", f"data.path={tmp_path / 'missing.jsonl'}",
                     f"output_dir={tmp_path / 'run'}"], timeout=300)

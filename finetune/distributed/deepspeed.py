@@ -116,6 +116,25 @@ class DeepSpeedStrategy(Strategy):
         self.engine = engine
         return engine, optimizer, scheduler
 
+    def prepare_frozen(self, accelerator, module):
+        """ZeRO-3: the frozen model partitioned over the ranks by an engine of its own with no
+        optimizer (DeepSpeed's parameter-offload path: each forward gathers a module's weights
+        and frees them after); ZeRO-1/2 keep whole weights, so a whole copy on the device."""
+        if self.stage < 3:
+            return super().prepare_frozen(accelerator, module)
+        import deepspeed
+
+        config = self.ds_config()
+        config.pop("gradient_clipping")
+        zero = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+        hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+        if hidden:  # vectors (norms, biases) stay whole on every rank, every matrix is partitioned
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+        config["zero_optimization"] = zero
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        engine.eval()  # (DeepSpeedEngine.eval returns None)
+        return engine
+
     # ------------------------------------------------------------ weights
     def trainable_state(self, accelerator, model) -> dict[str, torch.Tensor]:
         return self._gather(accelerator, model, trainable_only=True)

@@ -47,26 +47,37 @@ class FSDPStrategy(Strategy):
 
     def prepare(self, accelerator, model, optimizer_factory, scheduler_factory):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
-        model = model.to(accelerator.device)
         if not torch.distributed.is_initialized():  # one process: FSDP still needs a (1-rank) group
             torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
                                                  rank=0, world_size=1)
-        kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,))}
+        self.shard_kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,))}
         if self.cfg.distributed.offload:
-            kwargs["offload_policy"] = self._offload_policy()
+            self.shard_kwargs["offload_policy"] = self._offload_policy()
+        model = self._shard(accelerator, model)
+        # The optimizer sees the sharded (DTensor) parameters: its state is sharded too.
+        optimizer = optimizer_factory(model)
+        self.model = model  # the optimizer state helpers need the module (not passed to them)
+        return model, optimizer, scheduler_factory(optimizer)
+
+    def _shard(self, accelerator, model):
+        """Each decoder layer one FSDP unit, then the root; in place (FSDP2 wraps no module)."""
+        from torch.distributed.fsdp import fully_shard
+
+        model = model.to(accelerator.device)
         layers = decoder_layers(model)
         if not layers:
             raise ConfigError(f"distributed=fsdp: no decoder layers found in {type(model).__name__} "
                               "(no _no_split_modules); use distributed=ddp or zero3 for this model")
         for layer in layers:
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
-        # The optimizer sees the sharded (DTensor) parameters: its state is sharded too.
-        optimizer = optimizer_factory(model)
-        self.model = model  # the optimizer state helpers need the module (not passed to them)
-        return model, optimizer, scheduler_factory(optimizer)
+            fully_shard(layer, **self.shard_kwargs)
+        fully_shard(model, **self.shard_kwargs)
+        return model
+
+    def prepare_frozen(self, accelerator, module):
+        # The same units, mesh and offload as the policy: each rank keeps 1/world of the frozen
+        # weights and every forward all-gathers a layer at a time (all ranks run the same forwards).
+        return self._shard(accelerator, module)
 
     # ------------------------------------------------------------ weights
     def trainable_state(self, accelerator, model) -> dict[str, torch.Tensor]:

@@ -49,6 +49,12 @@ class Strategy:
         scheduler = scheduler_factory(optimizer)
         return accelerator.prepare(model, optimizer, scheduler)
 
+    def prepare_frozen(self, accelerator, module: torch.nn.Module):
+        """A frozen model that runs beside the policy (a full fine-tune's DPO / KTO reference),
+        placed as the policy's weights are: here a whole copy on the device; sharded strategies
+        shard it the same way. Called on every rank, after :meth:`prepare`; no optimizer."""
+        return module.to(accelerator.device)
+
     def trainable_state(self, accelerator, model) -> dict[str, torch.Tensor]:
         """Full (gathered) trainable weights, keyed like the unwrapped model's parameters."""
         return ckpt.trainable_state(accelerator.unwrap_model(model))
@@ -67,6 +73,23 @@ class Strategy:
 
     def can_generate_on_main(self) -> bool:
         return True
+
+
+def local_share(module: torch.nn.Module) -> tuple[int, int]:
+    """(weights this rank holds, weights of the whole model): an FSDP2 ``DTensor`` holds its local
+    shard, a ZeRO-3 parameter its partition (``ds_tensor``; ``ds_numel`` is the whole size)."""
+    from finetune.model.linear_cross_entropy import _is_dtensor
+
+    local = whole = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):  # (a "persistent" one, below DeepSpeed's size threshold, stays whole)
+            local += p.ds_numel if getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+            whole += p.ds_numel
+        elif _is_dtensor(p):
+            local, whole = local + p.to_local().numel(), whole + p.numel()
+        else:
+            local, whole = local + p.numel(), whole + p.numel()
+    return local, whole
 
 
 STRATEGIES = Registry("distributed.strategy", {

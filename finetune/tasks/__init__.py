@@ -42,6 +42,7 @@ class Task:
     # data.packing=true packs each micro-batch in the collator (DPO, classification: the same rows per
     # step as unpacked, laid out without padding) instead of packing the data into rows of examples.
     packs_per_batch = False
+    sequences_per_row = 1  # sequences of up to data.max_seq_len in one train row (DPO: chosen + rejected)
     needs_eos = False  # the tokenizer must have an EOS token (generation has to stop)
     greedy_answers = False  # held-out prompts can be answered greedily (trainer.exact_match_prompts)
     peft_task_type = "CAUSAL_LM"  # peft.TaskType value for LoRA

@@ -151,6 +151,7 @@ class KTOTask(DPOTask):
             self.ref_key += "-kto"  # columns (example, KL sequence), not DPO's (chosen, rejected)
 
     def before_train(self, trainer) -> None:
+        self.place_reference(trainer)
         if self.ref_key is None:
             return
         self.ref_table = load_or_compute(trainer, self.table_logps, self.ref_key)

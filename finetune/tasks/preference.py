@@ -31,13 +31,15 @@ weighs each token by pairs / tokens, so accumulation and DDP stay exact; at eval
 Reference. LoRA: the base with the adapter disabled (peft's ``disable_adapter()``; no second
 copy); starting from an SFT adapter (``model.adapter_path``), that adapter is loaded a second
 time, frozen, as the adapter named ``reference``. Full fine-tuning: a frozen copy of the loaded
-model. SimPO and ORPO need no reference (no reference forward).
+model, placed like the policy (FSDP: sharded by the same units; ZeRO-3: partitioned by an engine
+without optimizer; finetune/distributed/). SimPO and ORPO need no reference (no reference forward).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +58,7 @@ from finetune.tasks.preference_losses import LOSSES, REFERENCE_FREE, preference_
 from finetune.tasks.reference_logps import load_or_compute, weights_key
 
 REFERENCE_ADAPTER = "reference"
+log = logging.getLogger(__name__)
 
 
 def completion_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +130,7 @@ class DPOTask(Task):
     packs = True  # data.packing=true: each micro-batch's sequences packed (preference_batches.py)
     greedy_answers = True  # trainer.exact_match_prompts: the held-out prompts answered, against chosen
     packs_per_batch = True  # ... by the collator: the data keeps one row per pair (finetune/data/__init__.py)
+    sequences_per_row = 2  # chosen + rejected (KTO: the example + its KL sequence)
     needs_eos = True
     peft_task_type = "CAUSAL_LM"
 
@@ -190,7 +194,18 @@ class DPOTask(Task):
         if self.needs_reference and self.cfg.peft.method == "none":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def place_reference(self, trainer) -> None:
+        """The full fine-tune's frozen copy placed (sharded) like the policy (strategy.prepare_frozen)."""
+        if self.ref_model is not None:
+            from finetune.distributed.strategy import local_share
+
+            self.ref_model = trainer.strategy.prepare_frozen(trainer.acc, self.ref_model)
+            local, whole = local_share(self.ref_model)
+            log.info("reference model: a frozen copy (distributed=%s), %d of its %d weights on rank %d",
+                     trainer.cfg.distributed.strategy, local, whole, trainer.acc.process_index)
+
     def before_train(self, trainer) -> None:
+        self.place_reference(trainer)
         if self.ref_key is not None:
             self.ref_table = load_or_compute(trainer, self.reference_logps, self.ref_key)
             self.ref_model = None  # full fine-tuning: the frozen copy is not needed any more
@@ -322,10 +337,7 @@ class DPOTask(Task):
         return losses, rc, rr, logps.detach()
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
-        if self.ref_model is not None:
-            device = batch["input_ids"].device
-            if next(self.ref_model.parameters()).device != device:
-                self.ref_model.to(device)
+        if self.ref_model is not None:  # on the device, sharded like the policy (place_reference)
             return completion_logps(self.ref_model, batch, self.chunked)[0]
         with reference_of(model) as reference:
             return completion_logps(reference, batch, self.chunked)[0]

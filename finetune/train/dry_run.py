@@ -14,7 +14,7 @@ from finetune.train.feed import BatchPlan
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-def memory_estimate(model, cfg: DictConfig, world: int) -> dict:
+def memory_estimate(model, cfg: DictConfig, world: int, sequences_per_row: int = 1) -> dict:
     """Rough peak per process, in GiB: weights + grads + AdamW states + activations."""
     total, trainable = parameter_counts(model)
     dtype = next(model.parameters()).dtype
@@ -27,7 +27,7 @@ def memory_estimate(model, cfg: DictConfig, world: int) -> dict:
     mc = model.config
     hidden = getattr(mc, "hidden_size", 0)
     layers = getattr(mc, "num_hidden_layers", 0)
-    tokens = cfg.trainer.micro_batch_size * cfg.data.max_seq_len
+    tokens = cfg.trainer.micro_batch_size * sequences_per_row * cfg.data.max_seq_len
     # ~34 bytes/token/hidden/layer for a transformer block in 16/32-bit (activation recompute
     # with gradient checkpointing keeps ~2 per layer), plus fp32 logits for the targets.
     per_layer = 34 if not cfg.model.gradient_checkpointing else 2
@@ -52,7 +52,8 @@ def print_plan(cfg: DictConfig) -> None:
     rows = t.max_steps * world * t.micro_batch_size * t.grad_accum if streaming else len(data.train)
     plan = BatchPlan(rows, t.micro_batch_size, t.grad_accum, world, cfg.seed)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * plan.steps_per_epoch)
-    mem = memory_estimate(model, cfg, world)
+    per_row = task.sequences_per_row
+    mem = memory_estimate(model, cfg, world, per_row)
     rows = [
         ("recipe", cfg.recipe), ("model", f"{cfg.model.name_or_path} ({cfg.model.task})"),
         ("parameters", f"{total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)"),
@@ -62,7 +63,8 @@ def print_plan(cfg: DictConfig) -> None:
         ("processes", f"{world} ({cfg.distributed.strategy})"),
         ("global batch", f"{plan.rows_per_step} rows = {world} x {t.micro_batch_size} x {t.grad_accum} "
                          f"(processes x micro_batch_size x grad_accum), up to "
-                         f"{plan.rows_per_step * cfg.data.max_seq_len:,} tokens"),
+                         f"{plan.rows_per_step * per_row * cfg.data.max_seq_len:,} tokens"
+                         + (f" ({per_row} sequences of up to data.max_seq_len per row)" if per_row > 1 else "")),
         ("steps per epoch", "one pass of trainer.max_steps over the stream" if streaming else
          f"{plan.steps_per_epoch:,} ({plan.rows_unused_per_epoch} rows per epoch "
          "do not fill a step; reshuffled into the next epoch)"),
