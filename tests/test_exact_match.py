@@ -116,6 +116,10 @@ def test_dpo_scores_the_chosen_answer_and_reports_reward_accuracy(tmp_path):
     assert 0.0 <= summary["eval_reward_accuracy"] <= 1.0
     assert f"held-out reward accuracy {summary['eval_reward_accuracy']:.3f}" in proc.stdout + proc.stderr
     assert "eval_reward_accuracy" in (out / "report.md").read_text()
+    from PIL import Image
+
+    with Image.open(out / "loss_curves.png") as img:  # loss, lr and the reward panel (margin, accuracy)
+        assert img.size[0] == 1500
     bad = run_cli("recipe=reward-llm", "trainer.exact_match_prompts=5", "trainer.max_steps=1",
                   f"output_dir={tmp_path / 'rm'}", cache_dir=tmp_path / "cache", timeout=300)
     lines = bad.stderr.strip().splitlines()
