@@ -6,7 +6,7 @@ fine-tuning: the frozen reference copy is sharded like the policy (FSDP: the sam
 ZeRO-3: an engine of its own without optimizer, finetune/distributed/), so each of its forwards is
 a collective that both ranks join; with ``pref.precompute_ref=true`` that copy computes the table
 (rows split over the ranks) and is dropped. Every per-step loss and reward of the sharded run must
-equal the 1-process run's within 1e-5 (LoRA) or 1e-4 (full fine-tuning; see the test).
+equal the 1-process run's within 1e-4, and the first step's LoRA figures within 1e-5 (see the test).
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ def test_sharded_preference_run_matches_one_process(tmp_path, one_process, task,
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert abs(a[3]["loss"] - a[1]["loss"]) > 1e-3  # it trained
     assert any(abs(a[s]["rewards/chosen"]) > 1e-4 for s in a)  # the policy moved away from its reference
-    # Full fine-tuning: Adam turns reduction-order round-off in near-zero gradients of its 764k weights
-    # into lr-sized steps, so from step 2 on the bound is test_strategies.py's 1e-4.
-    tol = 1e-5 if peft == "lora" else 1e-4
+    # Step 1 is logged from the weights both runs start with: the sharded forward equals the 1-process
+    # one within 1e-5 (LoRA). From step 2 on, Adam has turned reduction-order round-off in near-zero
+    # gradients into lr-sized steps (the full copy's 764k weights; LoRA's A, whose gradient is ~0 while
+    # B starts at 0: 1.6e-5 on rewards/chosen seen in CI), so the bound is test_strategies.py's 1e-4.
     for step in a:
+        tol = 1e-5 if peft == "lora" and step == 1 else 1e-4
         for key in KEYS[task]:
             assert abs(a[step][key] - b[step][key]) < tol, (step, key, a[step][key], b[step][key])
     if peft == "lora":
