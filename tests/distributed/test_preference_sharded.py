@@ -6,7 +6,8 @@ fine-tuning: the frozen reference copy is sharded like the policy (FSDP: the sam
 ZeRO-3: an engine of its own without optimizer, finetune/distributed/), so each of its forwards is
 a collective that both ranks join; with ``pref.precompute_ref=true`` that copy computes the table
 (rows split over the ranks) and is dropped. Every per-step loss and reward of the sharded run must
-equal the 1-process run's within 1e-4, and the first step's LoRA figures within 1e-5 (see the test).
+equal the 1-process run's within 1e-4 (+ 1e-5 relative), the first step's LoRA figures within 1e-5
+(see the test).
 """
 
 from __future__ import annotations
@@ -79,11 +80,18 @@ def test_sharded_preference_run_matches_one_process(tmp_path, one_process, task,
     assert any(abs(a[s]["rewards/chosen"]) > 1e-4 for s in a)  # the policy moved away from its reference
     # Step 1 is logged from the weights both runs start with: the sharded forward equals the 1-process
     # one within 1e-5 (LoRA). From step 2 on, Adam has turned reduction-order round-off in near-zero
-    # gradients into lr-sized steps (the full copy's 764k weights; LoRA's A, whose gradient is ~0 while
-    # B starts at 0: 1.6e-5 on rewards/chosen seen in CI), so the bound is test_strategies.py's 1e-4.
+    # gradients into lr-sized steps (the full copy's 764k weights; LoRA's B, whose first gradient is
+    # tiny in places), so the bound is test_strategies.py's 1e-4 plus 1e-5 relative for the summed
+    # log-probs (seen on the 2-core EPYC, lora-fsdp, step 2: logps/chosen -56.95457 vs -56.95473,
+    # rewards/chosen off by 1.6e-5).
     for step in a:
-        tol = 1e-5 if peft == "lora" and step == 1 else 1e-4
         for key in KEYS[task]:
+            tol = 1e-5 if peft == "lora" and step == 1 else 1e-4 + 1e-5 * abs(a[step][key])
             assert abs(a[step][key] - b[step][key]) < tol, (step, key, a[step][key], b[step][key])
-    if peft == "lora":
-        assert max_diff(adapter(one), adapter(two)) < 1e-4
+    if peft == "lora":  # the same sign-flip effect: 27-28 of the 100,864 adapter weights (0.03%) end
+        # 1e-4 to 5e-3 apart (lr-sized) in the lora cases on the 2-core EPYC; every other within 1e-4
+        a_w, b_w = adapter(one), adapter(two)
+        assert a_w.keys() == b_w.keys()
+        apart = sum(int(((a_w[k] - b_w[k]).abs() > 1e-4).sum()) for k in a_w)
+        assert apart < 1e-3 * sum(w.numel() for w in a_w.values()), apart
+        assert max_diff(a_w, b_w) < 2 * 3 * 5e-3  # each Adam step moves a weight by about lr at most
