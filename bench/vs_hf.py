@@ -20,9 +20,13 @@ Modes:
 
 Framework ``finetune-plain-loss`` (A/B only): finetune with ``trainer.chunked_loss=off`` (the
 logits kept, as before finetune/linear_cross_entropy.py; on CPU ``auto`` means on).
+Frameworks ``finetune-bf16`` / ``hf-bf16`` / ``trl-bf16``: the same run with bf16 autocast on CPU
+(``trainer.precision=bf16``; HF/TRL ``bf16=True``), fp32 weights and optimizer on every side; each
+is compared with its own fp32 run and with the other frameworks' bf16 runs.
 
     python bench/vs_hf.py --quick            # tiny model, 4 steps x 6 runs (20 min at load ~12 on 2 cores)
     python bench/vs_hf.py                    # SmolLM2-135M shape (slow on 2 CPU cores)
+    python bench/vs_hf.py --shape llama-32m --modes packed --frameworks finetune,finetune-bf16,hf,hf-bf16
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 SHAPES = {  # SmolLM2-135M's shape (its vocab is 49152; here the GPT-2 BPE + 3 specials = 50260)
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # The issue-20 32M Llama (hidden 384, 8 layers): head-heavy, the GPT-2 vocab is most of its weights
+    "llama-32m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
@@ -147,6 +154,7 @@ class CountingCollator:
 
 
 def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len: int) -> None:
+    kind, bf16 = kind.removesuffix("-bf16"), kind.endswith("-bf16")
     import datasets
     import torch
     from peft import LoraConfig
@@ -165,7 +173,7 @@ def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len:
                   learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                   max_grad_norm=1.0, optim="adamw_torch", logging_steps=steps, save_strategy="no",
                   report_to="none", disable_tqdm=True, seed=SEED, dataloader_num_workers=0, use_cpu=True,
-                  bf16=False, fp16=False)  # fp32 like finetune on CPU (TRL's SFTConfig defaults to bf16)
+                  bf16=bf16, fp16=False)  # as finetune's run (TRL's SFTConfig defaults to bf16)
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
@@ -197,9 +205,10 @@ def worker(kind: str, work: Path, mode: str, steps: int, warmup: int, fixed_len:
 
 
 def finetune_cmd(work: Path, info: dict, mode: str, steps: int, warmup: int, fixed_len: int,
-                 out: Path, stage: str = "train", plain_loss: bool = False) -> list[str]:
+                 out: Path, stage: str = "train", plain_loss: bool = False, bf16: bool = False) -> list[str]:
     max_len = 512 if mode == "packed" else fixed_len
-    return [*finetune_entry(), "recipe=lora-llm", f"trainer.chunked_loss={'off' if plain_loss else 'auto'}", "model=smollm2-135m",
+    return [*finetune_entry(), "recipe=lora-llm", f"trainer.chunked_loss={'off' if plain_loss else 'auto'}",
+            f"trainer.precision={'bf16' if bf16 else 'fp32'}", "model=smollm2-135m",
             f"model.name_or_path={info['model']}", "model.dtype=float32", "model.attn_implementation=sdpa",
             f"data.path={work / (mode + '.jsonl')}", "data.format=alpaca", "data.eval_size=0",
             "data.eval_split=null", f"data.max_seq_len={max_len}",
@@ -235,7 +244,8 @@ def run_one(kind: str, work: Path, info: dict, mode: str, a) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
         code, wall, rss = run_child(finetune_cmd(work, info, mode, a.steps, a.warmup, a.fixed_len, out,
-                                                 plain_loss=kind == "finetune-plain-loss"), env=env, log=log)
+                                                 plain_loss=kind == "finetune-plain-loss",
+                                                 bf16=kind == "finetune-bf16"), env=env, log=log)
         if code:
             raise SystemExit(f"finetune failed ({code}); see {log}")
         res = finetune_result(out, a.warmup)
@@ -262,7 +272,7 @@ def main() -> None:
     p.add_argument("--fixed-len", type=int, default=128)
     p.add_argument("--frameworks", default="finetune,hf,trl")
     p.add_argument("--work", default=None, help="work dir (default: a temp dir)")
-    p.add_argument("--worker", choices=["hf", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["hf", "trl", "hf-bf16", "trl-bf16"], help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -306,24 +316,27 @@ def report(mode: str, results: dict, a) -> None:
     print(table(rows, [("framework", "framework", ""), ("tok_s", "useful tok/s (median)", ",.0f"),
                        ("step_s", "step s (median)", ".3f"), ("rss", "peak RSS MiB (max)", ",.0f"),
                        ("pad", "padding fraction", ".3f"), ("runs", "runs", "")]))
-    if "finetune" not in results:
-        return
-    ft = results["finetune"]
-    for other in ("finetune-plain-loss", "hf", "trl"):
-        if other not in results:
-            continue
-        pairs = [f["useful_tok_s"] / o["useful_tok_s"] for f, o in zip(ft, results[other])]
-        ratio = median([r["useful_tok_s"] for r in ft]) / median([r["useful_tok_s"] for r in results[other]])
-        rss = max(r["rss_mib"] for r in ft) / max(r["rss_mib"] for r in results[other])
-        line = (f"finetune/{other}: useful tok/s {ratio:.2f}x (per repeat: "
-                f"{', '.join(f'{x:.2f}' for x in pairs)}), peak RSS {rss:.2f}x")
-        if other == "hf":
-            pad = median([r["pad_frac"] for r in results["hf"]])
-            target = 2.0 if mode == "packed" else 1.0
-            line += (f"; padding-free limit 1/(1-HF padding) = {1 / (1 - pad):.2f}x; target >= {target}x: "
-                     f"{'MET' if ratio >= target else 'NOT MET'}; RSS <= HF: {'MET' if rss <= 1 else 'NOT MET'}")
-        print(line, flush=True)
+    pairs = [("finetune", o) for o in ("finetune-plain-loss", "hf", "trl")]
+    pairs += [(f"{k}-bf16", k) for k in ("finetune", "hf", "trl")]  # bf16 autocast vs its own fp32 run
+    pairs += [("finetune-bf16", o) for o in ("hf-bf16", "trl-bf16")]  # at equal precision
+    for mine, other in pairs:
+        if mine in results and other in results:
+            print(ratio_line(mode, mine, other, results), flush=True)
 
+
+def ratio_line(mode: str, mine: str, other: str, results: dict) -> str:
+    a, b = results[mine], results[other]
+    pairs = [x["useful_tok_s"] / y["useful_tok_s"] for x, y in zip(a, b)]
+    ratio = median([r["useful_tok_s"] for r in a]) / median([r["useful_tok_s"] for r in b])
+    rss = max(r["rss_mib"] for r in a) / max(r["rss_mib"] for r in b)
+    line = (f"{mine}/{other}: useful tok/s {ratio:.2f}x (per repeat: "
+            f"{', '.join(f'{x:.2f}' for x in pairs)}), peak RSS {rss:.2f}x")
+    if other in ("hf", "hf-bf16") and mine.startswith("finetune"):
+        pad = median([r["pad_frac"] for r in b])
+        target = 2.0 if mode == "packed" else 1.0
+        line += (f"; padding-free limit 1/(1-{other} padding) = {1 / (1 - pad):.2f}x; target >= {target}x: "
+                 f"{'MET' if ratio >= target else 'NOT MET'}; RSS <= {other}: {'MET' if rss <= 1 else 'NOT MET'}")
+    return line
 
 if __name__ == "__main__":
     main()

@@ -148,7 +148,9 @@ class TrainerConfig:
     save_steps: int = 0  # 0: only the final checkpoint
     save_minutes: float = 0.0  # also checkpoint every M minutes (0: off)
     keep_last: int = 2
-    precision: str = "auto"  # auto (bf16 on a capable GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # auto: bf16 on a capable GPU, fp32 on CPU | fp32 | bf16 (GPU, or autocast on CPU: fp32 weights,
+    # optimizer and loss; emulated and slower where the CPU lacks avx512_bf16 / amx_bf16) | fp16 (GPU)
+    precision: str = "auto"
     compile: bool = False
     # LM head + cross-entropy in chunks that keep no logits (finetune/linear_cross_entropy.py).
     # auto: on for CPU (faster and ~0.7 GB less there), off on GPU, where it measured 8% slower

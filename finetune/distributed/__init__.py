@@ -19,16 +19,37 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cpu_bf16_instructions(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bf16 instruction sets (``amx_bf16``, ``avx512_bf16``) from /proc/cpuinfo;
+    empty where it has none (or is not Linux): torch then emulates bf16 matmuls, slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            return []
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
 def mixed_precision(cfg: DictConfig) -> str:
+    """accelerate's ``mixed_precision`` for ``trainer.precision``. bf16 runs the forward under
+    autocast with fp32 weights, gradients, optimizer state and loss maths, on a GPU or a CPU;
+    ``auto`` stays fp32 on CPU (the per-step losses of existing runs, and the tests' references)."""
     precision = cfg.trainer.precision
     cuda = torch.cuda.is_available()
     if precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp32":
         return "no"
-    if not cuda:
-        raise ConfigError(f"trainer.precision={precision} needs a GPU; use trainer.precision=fp32 on CPU")
-    return precision
+    if cuda:
+        return precision
+    if precision == "fp16":
+        raise ConfigError("trainer.precision=fp16 needs a GPU; use trainer.precision=bf16 (autocast) or fp32 on CPU")
+    if cfg.distributed.strategy.startswith("zero"):
+        raise ConfigError(f"trainer.precision=bf16 on CPU is autocast, which distributed={cfg.distributed.strategy} "
+                          "does not use (DeepSpeed keeps bf16 weights); use distributed=ddp or fsdp, "
+                          "or trainer.precision=fp32")
+    return "bf16"
 
 
 def check_world(cfg: DictConfig) -> None:

@@ -9,6 +9,8 @@ optimizer state per rank. The trainer calls only the methods below, so recipes n
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,8 @@ from omegaconf import DictConfig
 
 from finetune.registry import Registry
 from finetune.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
 
 
 class Strategy:
@@ -30,13 +34,21 @@ class Strategy:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        from finetune.distributed import mixed_precision
+        from finetune.distributed import cpu_bf16_instructions, mixed_precision
 
         timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=self.cfg.distributed.timeout_s))
         # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule
         # num_processes times per optimizer step; ours counts optimizer steps, whatever the world size.
         kwargs = dict(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(self.cfg),
                       kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
+        if kwargs["cpu"] and kwargs["mixed_precision"] == "bf16" and os.environ.get("RANK", "0") == "0":
+            native = cpu_bf16_instructions()
+            if native:
+                log.info("trainer.precision=bf16 on CPU: autocast to bf16 (%s), fp32 weights and optimizer",
+                         " + ".join(native))
+            else:
+                log.warning("trainer.precision=bf16: this CPU has no bf16 instructions (no amx_bf16 / avx512_bf16 "
+                            "in /proc/cpuinfo), so torch emulates them: expect it slower than trainer.precision=fp32")
         return Accelerator(**{**kwargs, **self.accelerator_kwargs()})
 
     def accelerator_kwargs(self) -> dict:
