@@ -138,6 +138,44 @@ def test_lora_model_with_tied_head_takes_the_chunked_path_with_equal_gradients(m
     assert base.lm_head.forward.__func__ is torch.nn.Linear.forward  # the stand-in was removed
 
 
+def test_a_head_peft_trains_whole_takes_the_chunked_path_with_equal_gradients(monkeypatch):
+    """modules_to_save=[lm_head, embed_tokens] (the built-in model's LoRA): the chunked path finds
+    the copy that trains, or the original while the adapter is disabled (DPO's reference pass), and
+    its loss, per-sequence log-probs and gradients equal the plain path's (float64)."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.tasks.preference import completion_logps
+
+    base = tiny_llama("sdpa")
+    original = base.lm_head
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["lm_head", "embed_tokens"],
+                                            init_lora_weights=False)).train()
+    head = plain_lm_head(model)
+    assert head is not None and head is not original and head.weight.requires_grad
+    with torch.no_grad():  # the trained copy moved away from the original
+        head.weight.add_(0.05 * torch.randn_like(head.weight))
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 5 * VOCAB)
+    b = batch(packed=True)
+    fast_loss, fast = loss_and_grads(model, causal_lm_loss_sum, b)
+    ref_loss, ref = loss_and_grads(model, lambda m, x: causal_lm_loss_sum(m, x, chunked=False), b)
+    assert any("modules_to_save" in n and "lm_head" in n for n in ref)  # the head's copy got a gradient
+    assert fast.keys() == ref.keys()
+    assert abs(float(fast_loss - ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    for name, g in ref.items():  # the plain path's cross-entropy runs in float32: its rounding, not ours
+        assert float((fast[name] - g).abs().max()) <= 1e-6 * float(g.abs().max()), name
+    assert head.forward.__func__ is torch.nn.Linear.forward  # the stand-in was removed
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert plain_lm_head(model) is original
+            got, count = completion_logps(model, b, chunked=True)
+            want, want_count = completion_logps(model, b, chunked=False)
+        enabled, _ = completion_logps(model, b, chunked=True)
+    assert torch.equal(count, want_count.to(count.dtype))
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=0)  # the plain path in float32
+    assert float((got - enabled).abs().min()) > 1e-3  # the original head, not the trained copy
+
+
 def test_heads_it_cannot_stand_in_for_take_the_plain_path():
     from peft import LoraConfig, get_peft_model
 
@@ -149,10 +187,10 @@ def test_heads_it_cannot_stand_in_for_take_the_plain_path():
     assert plain_lm_head(model) is None  # an adapter on the head
 
 
-# The built-in tiny Llama's LoRA also trains embed_tokens + lm_head (modules_to_save): a wrapped head
-# takes the plain path, so the LoRA run here keeps the head frozen, as a pretrained model's would be.
-@pytest.mark.parametrize("recipe", [["recipe=lora-llm", "model.lora_modules_to_save=[]"], ["recipe=full-llm"]],
-                         ids=["lora-llm", "full-llm"])
+# The built-in tiny Llama's LoRA also trains embed_tokens + lm_head (modules_to_save: the README's
+# default run); "lora-llm" keeps the head frozen, as a pretrained model's would be.
+@pytest.mark.parametrize("recipe", [["recipe=lora-llm", "model.lora_modules_to_save=[]"], ["recipe=lora-llm"],
+                                    ["recipe=full-llm"]], ids=["lora-llm", "lora-llm-head-trained", "full-llm"])
 def test_training_with_the_chunked_loss_on_and_off_follows_the_same_losses(tmp_path, recipe):
     """trainer.chunked_loss: auto (on, on CPU) and off train the same run, loss for loss."""
     from run_helpers import build_trainer, run_cli, train_losses

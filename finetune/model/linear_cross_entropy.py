@@ -130,20 +130,37 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
 
     Needs: a listed architecture, a bias-free ``nn.Linear`` head that no adapter wraps, and a
     weight that is a whole local tensor (not sharded by FSDP / ZeRO-3). Wrappers that only forward
-    (DDP, PEFT) are looked through.
+    (DDP, PEFT, a head that PEFT trains whole: ``modules_to_save``) are looked through.
     """
     inner = getattr(model, "module", model)  # DistributedDataParallel
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
     get = getattr(inner, "get_output_embeddings", None)
-    head = get() if get is not None else None
+    head = _running_head(get() if get is not None else None)
     if type(head) is not torch.nn.Linear or head.bias is not None or "forward" in vars(head):
         return None  # a subclass, a bias, or a forward already replaced (accelerate's device hooks)
     weight = head.weight
     if _is_dtensor(weight) or hasattr(weight, "ds_id") or weight.dim() != 2:
         return None  # sharded by FSDP2 (DTensor) or partitioned by DeepSpeed ZeRO-3
     return head
+
+
+def _running_head(head):
+    """The module a PEFT ``ModulesToSaveWrapper`` (a head trained whole, as the built-in model's LoRA
+    does) runs now, chosen as its ``forward`` chooses: the original while adapters are disabled (a
+    DPO / GRPO reference pass) or the active adapter has no copy, else the active adapter's copy.
+    Any other head is returned as it is."""
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:  # peft is a dependency; a model without it has no wrapper either
+        return head
+    if not isinstance(head, ModulesToSaveWrapper):
+        return head
+    active = head.active_adapters
+    if head.disable_adapters or any(a not in head._adapters for a in active):
+        return head.original_module
+    return head.modules_to_save[active[0]] if len(active) == 1 else None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
