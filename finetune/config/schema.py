@@ -158,6 +158,9 @@ class TrainerConfig:
     # auto: on for CPU (faster and ~0.7 GB less there), off on GPU, where it measured 8% slower
     # (before a fix of its weight-gradient precision, not re-measured) and ~0.8 GB less.
     chunked_loss: str = "auto"  # auto | on | off
+    # Log flops_per_s and mfu (the model's training FLOPs / peak, finetune/train/flops.py); on CPU
+    # the peak is measured at start (~0.2 s: three matmuls at this model's largest shapes).
+    mfu: bool = True
     # A step whose loss or gradient norm is NaN / inf: stop (exit 9, naming the step, micro-batch
     # and rows; the last checkpoint stays the newest) or skip_step (no update, counted in
     # metrics.jsonl as skipped_steps, a warning each time).

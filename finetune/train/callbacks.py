@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from finetune.train.metrics import Console, MetricsLog, device_peak_flops, peak_memory, truncate_after
+from finetune.train.metrics import Console, MetricsLog, peak_memory, truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,22 @@ class Metrics(Callback):
             trackers = open_trackers(trainer.cfg, trainer.run_dir, trainer.state.tracker_ids)
             trainer.state.tracker_ids = {n: tr.run_id for n, tr in trackers.items() if tr.run_id}
             self.log = MetricsLog(trainer.run_dir, list(trackers.values()), self.console)
+        from finetune.train.flops import run_peak_flops
+
+        self.peak, how = run_peak_flops(trainer)
+        if trainer.is_main and self.peak:
+            log.info("mfu: against a peak of %.1f GFLOP/s per process (%s)", self.peak / 1e9, how)
         self._reset()
 
     def _reset(self) -> None:
-        self.losses, self.tokens, self.rows, self.grad_norm = [], 0.0, 0.0, None
+        self.losses, self.tokens, self.rows, self.grad_norm, self.flops = [], 0.0, 0.0, None, 0.0
         self.start = time.perf_counter()
 
     def on_step_end(self, trainer, result) -> None:
         self.losses.append(result.loss)
         self.tokens += result.tokens
         self.rows += result.rows
+        self.flops += result.flops
         self.grad_norm = result.grad_norm
         # The row's lr is the one its (last) step trained with, as transformers' Trainer logs it;
         # the scheduler already holds the next step's.
@@ -118,9 +124,9 @@ class Metrics(Callback):
             row["skipped_steps"] = trainer.state.skipped_steps  # not applied: NaN / inf (trainer.nonfinite)
         if self.grad_norm is not None:
             row["grad_norm"] = float(self.grad_norm)
-        peak = device_peak_flops()
-        if peak:
-            row["mfu"] = 6 * trainer.param_counts[0] * row["tokens_per_s"] / (peak * acc.num_processes)
+        if self.peak:  # the model's training FLOPs / the peak of all ranks (finetune/train/flops.py)
+            row["flops_per_s"] = self.flops / elapsed
+            row["mfu"] = row["flops_per_s"] / (self.peak * acc.num_processes)
         row.update(peak_memory())
         trainer.log(row)
         trainer.state.history.append({"step": step, "loss": row["loss"], "tokens_per_s": row["tokens_per_s"]})

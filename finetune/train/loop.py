@@ -34,6 +34,7 @@ from finetune.model.load import (build_base_model, load_tokenizer, parameter_cou
 from finetune.tasks import Task, get_task
 from finetune.train import checkpoint as ckpt
 from finetune.train.feed import BatchPlan, Feed, MapFeed, StreamFeed
+from finetune.train.flops import FlopCounter
 from finetune.train.optim import build_optimizer, build_scheduler
 from finetune.train.signals import PreemptionHandler
 from finetune.train.state import ResumeKey, RunState
@@ -50,6 +51,7 @@ class StepResult:
     rows: float
     grad_norm: torch.Tensor | float | None
     lr: float | None = None  # the learning rate the step trained with (the schedule steps after it)
+    flops: float = 0.0  # the model's training FLOPs of the step, all ranks (finetune/train/flops.py)
 
 
 class Trainer:
@@ -98,6 +100,7 @@ class Trainer:
             lambda o: build_scheduler(o, cfg.optim, self.total_steps))
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
+        self.flops = FlopCounter(self.model)
         self.task.before_train(self)
 
     def _setup_data(self) -> None:
@@ -178,10 +181,11 @@ class Trainer:
             steps = self.feed.steps(self.state.step)
             while self.state.step < self.total_steps:
                 micro = next(steps)
-                targets, tokens, rows, stop = all_reduce_sum(self.acc, [
+                targets, tokens, rows, stop, flops = all_reduce_sum(self.acc, [
                     sum(self.task.count_targets(b) for b in micro), sum(b["num_tokens"] for b in micro),
                     # rows: what a padded batch would hold (a collator that packs the micro-batch says)
-                    sum(b.get("num_rows", len(b["input_ids"])) for b in micro), float(preempt.requested is not None)])
+                    sum(b.get("num_rows", len(b["input_ids"])) for b in micro), float(preempt.requested is not None),
+                    sum(self.flops.batch(b) for b in micro)])
                 if stop:  # a checkpoint only when this run trained a step (else: nothing new)
                     if self.state.step > start_step:
                         self.save_checkpoint(reason="preempted")
@@ -190,7 +194,7 @@ class Trainer:
                 loss, grad_norm = self.optimizer_step(micro, targets)
                 self.state.step += 1
                 self.state.tokens_seen += int(tokens)
-                self.emit("on_step_end", StepResult(loss, tokens, rows, grad_norm, lr))
+                self.emit("on_step_end", StepResult(loss, tokens, rows, grad_norm, lr, flops))
             self.emit("on_train_end")
         finally:
             preempt.uninstall()
