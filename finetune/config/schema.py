@@ -29,6 +29,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention
     load_in_4bit: bool = False  # QLoRA base (bitsandbytes, CUDA only)
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute every k-th decoder layer (0, k, 2k, ...) and keep the
+    # others' activations (1 = every layer; larger k trades memory for less recompute).
+    checkpoint_every: int = 1
     num_labels: Optional[int] = None  # classification: used when the data has no labels to count
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Modules trained in full next to LoRA for this model (peft.modules_to_save wins; [] = none).

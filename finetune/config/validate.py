@@ -32,7 +32,7 @@ CHOICES = {
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16", "float16"),
 }
-POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum", "trainer.log_steps",
+POSITIVE = ("model.checkpoint_every", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.log_steps",
             "trainer.length_group_steps", "trainer.length_split", "data.max_seq_len", "launcher.nproc_per_node",
             "launcher.nnodes", "inspect.examples")
 NON_NEGATIVE = ("trainer.eval_steps", "trainer.save_steps", "trainer.save_minutes", "trainer.keep_last",
@@ -94,6 +94,9 @@ def problems(cfg: DictConfig) -> list[str]:
         found.append(f"peft.r={p.r} must be >= 1 and peft.alpha > 0 for LoRA")
     if not 0 <= p.dropout < 1:
         found.append(f"peft.dropout={p.dropout} must be in [0, 1)")
+    if cfg.model.checkpoint_every > 1 and not cfg.model.gradient_checkpointing:
+        found.append(f"model.checkpoint_every={cfg.model.checkpoint_every} picks the layers that gradient "
+                     "checkpointing recomputes: set model.gradient_checkpointing=true too")
     if cfg.model.load_in_4bit and p.method != "lora":
         found.append("model.load_in_4bit=true needs peft.method=lora (QLoRA); "
                      "4-bit weights cannot be fully fine-tuned")

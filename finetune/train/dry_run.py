@@ -29,8 +29,10 @@ def memory_estimate(model, cfg: DictConfig, world: int, sequences_per_row: int =
     layers = getattr(mc, "num_hidden_layers", 0)
     tokens = cfg.trainer.micro_batch_size * sequences_per_row * cfg.data.max_seq_len
     # ~34 bytes/token/hidden/layer for a transformer block in 16/32-bit (activation recompute
-    # with gradient checkpointing keeps ~2 per layer), plus fp32 logits for the targets.
-    per_layer = 34 if not cfg.model.gradient_checkpointing else 2
+    # with gradient checkpointing keeps ~2 per layer: every layer, or each model.checkpoint_every-th),
+    # plus fp32 logits for the targets.
+    recomputed = -(-layers // cfg.model.checkpoint_every) / max(layers, 1) if cfg.model.gradient_checkpointing else 0
+    per_layer = 2 * recomputed + 34 * (1 - recomputed)
     acts = tokens * hidden * layers * per_layer * BYTES.get(dtype, 4) / 2
     logits = tokens * getattr(mc, "vocab_size", 0) * 4 * 2
     gib = 2**30

@@ -29,6 +29,7 @@ from finetune.data import prepare_data
 from finetune.distributed import all_reduce_sum
 from finetune.errors import (EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteError,
                              PreemptedAtStartup)
+from finetune.model.checkpointing import checkpoint_every, checkpointed_layers
 from finetune.model.load import (build_base_model, load_tokenizer, parameter_counts, resolve_dtype,
                                  save_base_for_reload, wrap_peft)
 from finetune.tasks import Task, get_task
@@ -137,6 +138,11 @@ class Trainer:
             self.base_ref = save_base_for_reload(base, self.tokenizer, cfg, self.run_dir, relabelled)
         if cfg.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.model.checkpoint_every > 1:
+                kept = checkpoint_every(base, cfg.model.checkpoint_every)
+                if self.is_main:
+                    log.info("gradient checkpointing: %d of %d layers recompute (model.checkpoint_every=%d)",
+                             len(kept), len(checkpointed_layers(base)), cfg.model.checkpoint_every)
             if cfg.peft.method == "lora":
                 base.enable_input_require_grads()
         self.model = wrap_peft(base, cfg, self.task)
