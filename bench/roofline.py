@@ -93,7 +93,7 @@ def data_sample(work: Path, counter) -> tuple[int, int, float]:
     """Tokens, head positions and sum of squared example lengths over the cached packed data."""
     import numpy as np
 
-    (npz,) = list((work / "cache").glob("data/*/train.npz"))
+    npz = max((work / "cache").glob("data/*/train.npz"), key=lambda p: p.stat().st_mtime)  # this run's
     z = np.load(npz)
     off, labels = z["offsets"], z["labels"]
     lengths = np.diff(off)

@@ -157,7 +157,7 @@ class TrainerConfig:
     compile: bool = False
     # LM head + cross-entropy in chunks that keep no logits (finetune/model/linear_cross_entropy.py):
     # a plain Linear head, frozen, trained, or trained whole next to LoRA (modules_to_save, as the
-    # built-in model's LoRA does); not yet under FSDP2 / ZeRO-3 (a sharded head takes the plain path).
+    # built-in model's LoRA does), also under FSDP2; ZeRO-3 keeps the plain path (docs/distributed.md).
     # auto: on for CPU (faster and ~0.7 GB less there), off on GPU, where it measured 8% slower
     # (before a fix of its weight-gradient precision, not re-measured) and ~0.8 GB less.
     chunked_loss: str = "auto"  # auto | on | off

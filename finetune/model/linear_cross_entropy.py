@@ -129,8 +129,9 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     """The model's LM head where the chunked loss can stand in for it, else None.
 
     Needs: a listed architecture, a bias-free ``nn.Linear`` head that no adapter wraps, and a
-    weight that is a whole local tensor (not sharded by FSDP / ZeRO-3). Wrappers that only forward
-    (DDP, PEFT, a head that PEFT trains whole: ``modules_to_save``) are looked through.
+    weight that is not partitioned by DeepSpeed ZeRO-3 (FSDP2's is used: :func:`head_weight`).
+    Wrappers that only forward (DDP, PEFT, a head that PEFT trains whole: ``modules_to_save``) are
+    looked through.
     """
     inner = getattr(model, "module", model)  # DistributedDataParallel
     config = getattr(inner, "config", None)
@@ -141,9 +142,18 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     if type(head) is not torch.nn.Linear or head.bias is not None or "forward" in vars(head):
         return None  # a subclass, a bias, or a forward already replaced (accelerate's device hooks)
     weight = head.weight
-    if _is_dtensor(weight) or hasattr(weight, "ds_id") or weight.dim() != 2:
-        return None  # sharded by FSDP2 (DTensor) or partitioned by DeepSpeed ZeRO-3
+    if hasattr(weight, "ds_id") or weight.dim() != 2:
+        return None  # partitioned by DeepSpeed ZeRO-3: gathered only inside the head's own forward
     return head
+
+
+def head_weight(head: torch.nn.Linear) -> torch.Tensor:
+    """The head's whole weight, read after the model's forward. FSDP2 leaves the root module's
+    parameters (the head among them) unsharded from its forward until backward, so this is a plain
+    tensor whose gradient FSDP reduce-scatters as usual; a head still sharded (a DTensor) is
+    all-gathered, differentiably."""
+    weight = head.weight
+    return weight.full_tensor() if _is_dtensor(weight) else weight
 
 
 def _running_head(head):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.tokenize import IGNORE
-from finetune.model.linear_cross_entropy import head_passes_hidden_states, linear_token_logprobs, plain_lm_head
+from finetune.model.linear_cross_entropy import (head_passes_hidden_states, head_weight, linear_token_logprobs,
+                                                 plain_lm_head)
 from finetune.tasks.causal_lm import shifted_targets
 
 
@@ -60,7 +61,7 @@ def token_logps(model, batch: dict, temperature: float = 1.0, chunked: bool = Tr
     if head is not None:
         with head_passes_hidden_states(head):
             hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        return linear_token_logprobs(hidden / temperature, head.weight, targets[keep])
+        return linear_token_logprobs(hidden / temperature, head_weight(head), targets[keep])
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
     if logits.dim() == 3:  # a model that ignores a mask-valued logits_to_keep
         logits = logits[keep]

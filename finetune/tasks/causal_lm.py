@@ -23,8 +23,8 @@ from finetune.data.formats import CHAT_FORMATS
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats, encode_documents, encode_segmented
 from finetune.errors import DataError
-from finetune.model.linear_cross_entropy import (head_passes_hidden_states, linear_cross_entropy_sum,
-                                                 plain_lm_head)
+from finetune.model.linear_cross_entropy import (head_passes_hidden_states, head_weight,
+                                                 linear_cross_entropy_sum, plain_lm_head)
 from finetune.outputs import exact_match
 from finetune.tasks import Task
 
@@ -46,7 +46,7 @@ def causal_lm_loss_sum(model, batch: dict, chunked: bool = True) -> torch.Tensor
     if head is not None:
         with head_passes_hidden_states(head):
             hidden = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
-        return linear_cross_entropy_sum(hidden, head.weight, targets[keep])
+        return linear_cross_entropy_sum(hidden, head_weight(head), targets[keep])
     out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
     logits = out.logits  # (num_targets, vocab): flattened by the boolean mask
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")

@@ -49,7 +49,8 @@ from finetune.data.chat_encode import ChatSettings, encode_chats
 from finetune.data.records import bad_row
 from finetune.data.tokenize import IGNORE, Encoded, Stats
 from finetune.errors import DataError
-from finetune.model.linear_cross_entropy import head_passes_hidden_states, linear_token_logprobs, plain_lm_head
+from finetune.model.linear_cross_entropy import (head_passes_hidden_states, head_weight, linear_token_logprobs,
+                                                 plain_lm_head)
 from finetune.tasks import Task
 from finetune.tasks.causal_lm import exact_match_after, exact_match_before, shifted_targets, write_samples
 from finetune.tasks.preference_batches import (ROW_CAPACITY_FACTOR, PackedPairCollator, PairCollator,  # noqa: F401
@@ -75,7 +76,7 @@ def completion_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Te
     if head is not None:
         with head_passes_hidden_states(head):
             hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        token_logps = linear_token_logprobs(hidden, head.weight, targets[keep])
+        token_logps = linear_token_logprobs(hidden, head_weight(head), targets[keep])
     else:
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
         if logits.dim() == 3:  # a model that ignores a mask-valued logits_to_keep

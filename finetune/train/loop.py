@@ -30,6 +30,7 @@ from finetune.distributed import all_reduce_sum
 from finetune.errors import (EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteError,
                              PreemptedAtStartup)
 from finetune.model.checkpointing import checkpoint_every, checkpointed_layers
+from finetune.model.linear_cross_entropy import plain_lm_head
 from finetune.model.load import (build_base_model, load_tokenizer, parameter_counts, resolve_dtype,
                                  save_base_for_reload, wrap_peft)
 from finetune.tasks import Task, get_task
@@ -102,6 +103,10 @@ class Trainer:
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
         self.flops = FlopCounter(self.model)
+        if getattr(self.task, "chunked", None) is not None and self.is_main:
+            chunked = self.task.chunked and plain_lm_head(self.model) is not None
+            log.info("LM head + loss: %s", "in chunks, no logits kept" if chunked else
+                     "plain (logits kept: trainer.chunked_loss, or a head it cannot stand in for)")
         self.task.before_train(self)
 
     def _setup_data(self) -> None:

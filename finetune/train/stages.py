@@ -55,7 +55,8 @@ def run_train(cfg: DictConfig) -> int:
 def destroy_process_group() -> None:
     """Tear the process group down before the interpreter exits: a gloo group left to static
     destructors can abort a worker that finished cleanly ("terminate called without an active
-    exception", exit 134; seen once in a 2-rank FSDP test on CPU)."""
+    exception", exit 134; seen in 2-rank FSDP tests on CPU; ``finetune.__main__`` also ends such a
+    worker with ``os._exit`` once it has finished)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
