@@ -80,16 +80,12 @@ def run(work: Path, model_dir: Path, mode: str, precision: str, steps: int, warm
 
 
 def split(counter, tokens: int, head_positions: int, sum_n2: float) -> dict:
-    c = counter
-    parts = {"linear forward": tokens * c.body_forward, "input gradients": tokens * c.body_forward,
-             "weight gradients": tokens * c.weight_grad,
-             "head": head_positions * c.head_forward * (3 if c.head_trains else 2),
-             "attention": 3 * c.attention_per_n2 * sum_n2}
+    parts = counter.parts(tokens, head_positions, sum_n2)
     total = sum(parts.values())
     return {k: v / total for k, v in parts.items()}
 
 
-def data_sample(work: Path, counter) -> tuple[int, int, float]:
+def data_sample(work: Path) -> tuple[int, int, float]:
     """Tokens, head positions and sum of squared example lengths over the cached packed data."""
     import numpy as np
 
@@ -136,7 +132,7 @@ def main() -> None:
             print(f"  {mode} {precision}: {r['flops_s'] / 1e9:,.1f} GFLOP/s = {r['mfu']:.1%} of the measured "
                   f"peak ({r['tok_s']:,.0f} tok/s, logged mfu {r['mfu_logged']:.1%}, {time.time() - t0:.0f} s)",
                   flush=True)
-        parts = split(counter, *data_sample(work, counter))
+        parts = split(counter, *data_sample(work))
         print(f"\n## {mode}: where the counted FLOPs go (alpaca, packed)\n"
               + table([{"part": k, "share": v} for k, v in parts.items()], [("part", "part", ""), ("share", "share", ".1%")]))
     print("\n## roofline")

@@ -68,12 +68,17 @@ class FlopCounter:
         # per layer, per example of n tokens: 2 matmuls x 2 FLOPs x n^2 x heads x head_dim (x 1/2 causal)
         self.attention_per_n2 = 4 * layers * heads * head_dim * (CAUSAL_ATTENTION if causal else 1.0)
 
-    def step(self, tokens: int, head_positions: int, sum_n2: float) -> float:
+    def parts(self, tokens: int, head_positions: int, sum_n2: float) -> dict[str, float]:
         """Forward + backward FLOPs of a micro-batch of ``tokens`` non-padding tokens, the LM head at
-        ``head_positions`` and examples whose squared lengths sum to ``sum_n2``."""
-        body = tokens * (2 * self.body_forward + self.weight_grad)
-        head = head_positions * self.head_forward * (3 if self.head_trains else 2)
-        return float(body + head + 3 * self.attention_per_n2 * sum_n2)
+        ``head_positions`` and examples whose squared lengths sum to ``sum_n2``, by where they go."""
+        return {"linear forward": tokens * self.body_forward, "input gradients": tokens * self.body_forward,
+                "weight gradients": tokens * self.weight_grad,
+                "head": head_positions * self.head_forward * (3 if self.head_trains else 2),
+                "attention": 3 * self.attention_per_n2 * sum_n2}
+
+    def step(self, tokens: int, head_positions: int, sum_n2: float) -> float:
+        """The sum of :meth:`parts`."""
+        return float(sum(self.parts(tokens, head_positions, sum_n2).values()))
 
     def batch(self, batch: dict) -> float:
         ids = batch["input_ids"]
